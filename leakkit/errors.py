@@ -1,0 +1,25 @@
+"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+
+
+class LeakkitError(Exception):
+    """A mistake in what the user asked for, or an attack outcome the user must hear about."""
+
+    exit_code = 2
+
+
+class ConfigError(LeakkitError):
+    """Unknown recipe, key or name; a value of the wrong type."""
+
+
+class InputError(LeakkitError):
+    """A missing or unreadable input file, or data that does not fit the task."""
+
+
+class ObservationMismatch(LeakkitError):
+    """An observed update whose parameter names or shapes do not fit the model."""
+
+
+class AttackDiverged(LeakkitError):
+    """Every restart of an attack ended in NaN or infinity."""
+
+    exit_code = 3

@@ -1,0 +1,132 @@
+"""What the attacker holds: the shared update, as named tensors plus metadata.
+
+File format: one safetensors file. Tensors are the parameter gradients keyed by the model's
+parameter names; the safetensors header's `__metadata__` carries one key, `leakkit`, whose
+value is a JSON object (format_version, batch_size, reduction, model, fingerprint,
+parameter_order -- safetensors stores tensors sorted by name -- and `extra`, free-form). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leakkit.errors import InputError, ObservationMismatch
+
+FORMAT_VERSION = 1
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's trainable parameter names and shapes (not its values)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Observation:
+    """A shared gradient (FedSGD) as the attacker receives it.
+
+    Args:
+        gradients: parameter name -> gradient tensor, in the model's parameter order.
+        batch_size: number of examples the client averaged over.
+        reduction: "mean" or "sum", how the client's loss combined the batch.
+        model: a human-readable model identity (e.g. "lenet").
+        fingerprint: `fingerprint(model)` of the model the gradient came from.
+        extra: any further JSON-serialisable metadata.
+    """
+
+    gradients: dict[str, torch.Tensor]
+    batch_size: int
+    reduction: str = "mean"
+    model: str = ""
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "batch_size": self.batch_size,
+            "reduction": self.reduction,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "parameter_order": list(self.gradients),
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the observation as a safetensors file with JSON metadata in its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.gradients.items()}
+        save_file(tensors, str(path), metadata={"leakkit": json.dumps(self.metadata())})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Observation":
+        """Read a file written by `save`. Raises InputError for a missing or malformed file."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"gradient file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise InputError(f"not a readable safetensors file: {path} ({e})") from None
+        if "leakkit" not in header:
+            raise InputError(f"{path} has no leakkit metadata (batch size, reduction)")
+        try:
+            meta = json.loads(header["leakkit"])
+            order = [n for n in meta.get("parameter_order", []) if n in tensors]
+            ordered = {n: tensors[n] for n in order} | {n: t for n, t in tensors.items() if n not in order}
+            return cls(
+                gradients=ordered,
+                batch_size=int(meta["batch_size"]),
+                reduction=str(meta.get("reduction", "mean")),
+                model=str(meta.get("model", "")),
+                fingerprint=str(meta.get("fingerprint", "")),
+                extra=dict(meta.get("extra", {})),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"malformed leakkit metadata in {path}: {e}") from None
+
+    def check_against(self, model: nn.Module) -> None:
+        """Raise ObservationMismatch unless names and shapes equal the model's trainable parameters."""
+        expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        got = {n: tuple(t.shape) for n, t in self.gradients.items()}
+        missing = [n for n in expected if n not in got]
+        unexpected = [n for n in got if n not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {_few(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_few(unexpected)}")
+            raise ObservationMismatch(
+                f"gradient names do not match the model: {'; '.join(parts)}"
+            )
+        wrong = [f"{n} {got[n]} != {s}" for n, s in expected.items() if got[n] != s]
+        if wrong:
+            raise ObservationMismatch(f"gradient shapes do not match the model: {_few(wrong)}")
+        if self.batch_size < 1:
+            raise ObservationMismatch(f"batch size must be positive, got {self.batch_size}")
+        if self.reduction not in ("mean", "sum"):
+            raise ObservationMismatch(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
