@@ -1,0 +1,114 @@
+"""The contract between a task adapter and the engine.
+
+A task owns a model, the differentiable input space the attack searches, and the training loss.
+The engine only ever calls the methods below; it knows nothing of pixels or tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class Task(ABC):
+    """Base class for task adapters.
+
+    Subclasses set `model`, `num_classes` and `input_shape` (per example, without batch) and
+    implement `loss`, `initial_guess` and `project`.
+    """
+
+    name: str = "task"
+    model: nn.Module
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    # --- what subclasses define -------------------------------------------------------------
+    @abstractmethod
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        """Training loss of the model on `inputs`.
+
+        Args:
+            inputs: Shape [B, *input_shape], in the task's input space.
+            labels: Shape [B] (class ids) or [B, num_classes] (probabilities, soft labels).
+            reduction: "mean" or "sum" over the batch.
+        Returns:
+            A scalar tensor.
+        """
+
+    @abstractmethod
+    def initial_guess(self, batch_size: int, *, init: str, generator: torch.Generator) -> torch.Tensor:
+        """A starting point for the search, shape [B, *input_shape], float64 on the CPU."""
+
+    @abstractmethod
+    def project(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Map a candidate back into the feasible input set (e.g. the pixel box)."""
+
+    @abstractmethod
+    def classifier_parameter_names(self) -> tuple[str, str | None]:
+        """Names of the output layer's (weight, bias) parameters; bias is None if absent."""
+
+    # --- shared behaviour -------------------------------------------------------------------
+    def parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters whose gradients are shared, in model order."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def gradients(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        reduction: str = "mean",
+        create_graph: bool = False,
+    ) -> list[torch.Tensor]:
+        """Gradient of `loss` with respect to every trainable parameter, in model order."""
+        params = [p for _, p in self.parameters()]
+        loss = self.loss(inputs, labels, reduction=reduction)
+        return list(torch.autograd.grad(loss, params, create_graph=create_graph))
+
+    def gradients_and_features(
+        self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean", create_graph: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`gradients`, plus the input of the output layer ([B, D]) from the same forward pass.
+
+        The features are captured with a forward pre-hook that is removed before returning; call
+        this on an attacker's copy (`copy_to`), never to modify a user's model.
+        """
+        weight_name, _ = self.classifier_parameter_names()
+        layer = self.model.get_submodule(weight_name.rpartition(".")[0])
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        try:
+            grads = self.gradients(inputs, labels, reduction=reduction, create_graph=create_graph)
+        finally:
+            handle.remove()
+        return grads, captured[-1].flatten(1)
+
+    def copy_to(self, *, dtype: torch.dtype, device: str | torch.device) -> "Task":
+        """A copy of this task whose model is a deep copy on `device` in `dtype`.
+
+        The user's model is never modified: the attacker works on its own copy.
+        """
+        clone = copy.copy(self)
+        clone.model = copy.deepcopy(self.model).to(device=device, dtype=dtype)
+        clone.model.eval()
+        return clone
+
+    def _prepare_labels(self, labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if labels.dtype in (torch.int64, torch.int32):
+            return nn.functional.one_hot(labels.long(), self.num_classes).to(like)
+        return labels.to(like)
+
+
+def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy against a distribution (equals the usual loss for one-hot targets)."""
+    per_example = -(probs * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+    return per_example.mean() if reduction == "mean" else per_example.sum()
+
+
+def non_smooth_modules(model: nn.Module, kinds: Sequence[type[nn.Module]]) -> list[str]:
+    """Names of submodules of the given types (used to warn about zero second derivatives)."""
+    return [n for n, m in model.named_modules() if isinstance(m, tuple(kinds))]

@@ -1,0 +1,134 @@
+"""Built-in image classifiers, all twice differentiable (sigmoid / GELU, no ReLU, no BatchNorm).
+
+BatchNorm is avoided on purpose: in training mode its statistics couple the examples of a batch,
+which is a different threat model; GroupNorm keeps examples independent.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from leakkit.registry import Registry
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+class LeNetSigmoid(nn.Module):
+    """The DLG paper's LeNet: three strided 5x5 convolutions with sigmoid, one linear layer.
+
+    Weights are drawn uniformly from [-0.5, 0.5], as in the paper's code: with PyTorch's default
+    (much smaller) initialisation the sigmoids are nearly linear and the leak is weaker.
+    """
+
+    def __init__(self, num_classes: int = 100, channels: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 12, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1),
+            nn.Sigmoid(),
+        )
+        side = ((image_size + 1) // 2 + 1) // 2  # after two stride-2 convolutions with padding 2
+        self.fc = nn.Linear(12 * side * side, num_classes)
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class ConvNet(nn.Module):
+    """A small VGG-like network: three conv-GroupNorm-GELU stages with average pooling."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 32) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = channels
+        for c_out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.GELU(), nn.AvgPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class _Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(min(8, c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
+        self.act = nn.GELU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(min(8, c_out), c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.norm1(self.conv1(x)))
+        return self.act(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetGELU(nn.Module):
+    """A CIFAR-style ResNet (3 stages, `blocks` basic blocks each) with GELU and GroupNorm."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 16, blocks: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.GroupNorm(min(8, width), width), nn.GELU())
+        stages: list[nn.Module] = []
+        c_in = width
+        for i, c_out in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                stages.append(_Block(c_in, c_out, stride=2 if (i > 0 and b == 0) else 1))
+                c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+@MODELS.register("lenet", description="DLG paper's LeNet with sigmoid (3 strided convs + linear), uniform init")
+def _lenet(**kw: int) -> nn.Module:
+    return LeNetSigmoid(**kw)
+
+
+@MODELS.register("convnet", description="small conv-GroupNorm-GELU network, width 32")
+def _convnet(**kw: int) -> nn.Module:
+    return ConvNet(**kw)
+
+
+@MODELS.register("resnet", description="CIFAR-style ResNet-8 with GELU and GroupNorm, width 16")
+def _resnet(**kw: int) -> nn.Module:
+    return ResNetGELU(**kw)
+
+
+def torchvision_available() -> bool:
+    """True when torchvision imports on this torch (it is an optional extra)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # a CUDA torchvision on CPU torch fails with errors other than ImportError
+        return False
+    return True
+
+
+def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """Build a built-in model by name, or a torchvision model (`torchvision:resnet18`) when available."""
+    if name.startswith("torchvision:"):
+        from leakkit.errors import ConfigError
+
+        if not torchvision_available():
+            raise ConfigError(f"model {name!r} needs torchvision, which does not import here")
+        import torchvision
+
+        return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
+    return MODELS.get(name)(num_classes=num_classes, channels=channels, image_size=image_size)
