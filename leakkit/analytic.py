@@ -1,0 +1,121 @@
+"""Closed-form leaks read straight off a shared gradient, with no optimisation.
+
+All functions take gradient tensors only (never ground truth).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def class_signal(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-class value that is negative exactly for classes present in the batch.
+
+    For cross-entropy, the output-bias gradient of class c is mean_i(p_ic - y_ic): only a class
+    that is some example's label can be negative. Without a bias, the row sums of the weight
+    gradient carry the same sign when the layer's inputs are non-negative (sigmoid/GELU-ish features).
+
+    Shape: weight_grad [C, D], bias_grad [C] -> [C].
+    """
+    if bias_grad is not None:
+        return bias_grad.detach().double()
+    return weight_grad.detach().double().sum(dim=1)
+
+
+def label_single(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> int:
+    """iDLG: the label of a single example is the class with the negative (smallest) signal."""
+    return int(class_signal(weight_grad, bias_grad).argmin())
+
+
+def label_counts(
+    weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, batch_size: int, *, reduction: str = "mean"
+) -> list[int]:
+    """Labels of a batch, as a sorted list of class ids with multiplicity.
+
+    Distinct labels are exact whenever the other examples' summed probability for each present class
+    stays below its count (the usual case for many classes): then exactly the present classes have
+    a negative signal. A model confidently predicting a present class for another example hides it. Repeated labels are
+    estimated: with reduction "mean", signal_c = mean_p_c - n_c / B, and mean_p_c is estimated by
+    the mean signal of the absent (non-negative) classes, so n_c ~ B * (m - signal_c).
+    Counts are then adjusted to sum to the batch size.
+    """
+    s = class_signal(weight_grad, bias_grad)
+    if reduction == "sum":
+        s = s / batch_size
+    present = torch.nonzero(s < 0).flatten()
+    if len(present) == 0:  # degenerate: fall back to the most negative classes
+        present = s.argsort()[:1]
+    if len(present) >= batch_size:
+        chosen = present[s[present].argsort()[:batch_size]]
+        return sorted(int(c) for c in chosen)
+    absent = s[s >= 0]
+    m = float(absent.mean()) if len(absent) else 0.0
+    raw = batch_size * (m - s[present])
+    counts = torch.clamp(raw.floor(), min=1).long()
+    while int(counts.sum()) < batch_size:  # give the rest to the largest remainders
+        counts[int((raw - counts).argmax())] += 1
+    while int(counts.sum()) > batch_size:
+        over = torch.where(counts > 1, raw - counts, torch.full_like(raw, float("inf")))
+        counts[int(over.argmin())] -= 1
+    return sorted(int(c) for c, k in zip(present, counts) for _ in range(int(k)))
+
+
+def linear_layer_input(weight_grad: torch.Tensor, bias_grad: torch.Tensor) -> torch.Tensor:
+    """Exact input of a linear layer with bias, for batch size 1: x = dW[c] / db[c].
+
+    The row c with the largest |db[c]| is used for numerical stability.
+    Shape: weight_grad [C, D], bias_grad [C] -> [D].
+    """
+    c = int(bias_grad.abs().argmax())
+    return weight_grad[c] / bias_grad[c]
+
+
+def linear_layer_inputs(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    reduction: str = "mean",
+    iterations: int = 2000,
+) -> torch.Tensor:
+    """Per-example inputs of the output linear layer, from its gradient, its weights and the labels.
+
+    With cross-entropy, dW = s * sum_i (p_i - y_i) h_i^T and db = s * sum_i (p_i - y_i), where
+    p_i = softmax(W h_i + b) and s = 1/B ("mean") or 1 ("sum"). For batch 1 this is exact in closed
+    form (`linear_layer_input`); for a batch with known labels, the same equations are solved for all
+    h_i at once, starting from the per-label-row ratio dW[c]/db[c], which is exact when the other
+    examples give class c negligible probability.
+
+    Args:
+        weight_grad, bias_grad: observed gradients, shapes [C, D] and [C].
+        weight, bias: the layer's parameters, shapes [C, D] and [C].
+        labels: [B, C] label distributions (one-hot), the order of the returned rows.
+    Returns:
+        [B, D] float64.
+    """
+    gW, gb = weight_grad.double(), bias_grad.double()
+    W, b, Y = weight.detach().double(), bias.detach().double(), labels.detach().double()
+    batch = Y.shape[0]
+    if batch == 1:
+        return linear_layer_input(gW, gb)[None]
+    scale = 1.0 / batch if reduction == "mean" else 1.0
+    rows = Y.argmax(dim=1)
+    H = torch.stack([gW[c] / gb[c] for c in rows])
+    # repeated labels start from the same row: nudge them apart so the solve can separate them
+    H = H + 1e-3 * H.abs().mean() * torch.randn(H.shape, generator=torch.Generator().manual_seed(0), dtype=H.dtype)
+    H.requires_grad_(True)
+    nW, nb = float(gW.pow(2).sum()), float(gb.pow(2).sum())
+    opt = torch.optim.LBFGS([H], lr=1, max_iter=iterations, history_size=100, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-14, tolerance_change=1e-20)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        A = scale * (torch.softmax(H @ W.T + b, dim=-1) - Y)
+        loss = (A.T @ H - gW).pow(2).sum() / nW + (A.sum(0) - gb).pow(2).sum() / nb
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return H.detach()

@@ -1,0 +1,288 @@
+"""The matching engine: the only optimisation loop in leakkit.
+
+`reconstruct(task, observation, attack)` searches the task's input space (and, with soft labels,
+the label simplex) for examples whose gradient matches the observed one. It never receives
+ground truth: restarts are ranked by gradient distance alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from leakkit.errors import AttackDiverged, ConfigError
+from leakkit.labels import LABELS
+from leakkit.objectives import LAYER_WEIGHTS, OBJECTIVES, ObjectiveOptions, relative_distance
+from leakkit.observation import Observation
+from leakkit.optimizers import OPTIMIZERS, SCHEDULES
+from leakkit.priors import PRIORS
+from leakkit.tasks.base import Task
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+INITS = ("uniform", "gaussian", "mid")
+
+
+@dataclass
+class AttackConfig:
+    """Everything the attacker chooses. Field names are the recipe's `[attack]` keys.
+
+    objective: name in OBJECTIVES; l1_weight: TAG's L1 weight; layer_weights: name in LAYER_WEIGHTS.
+    optimizer: name in OPTIMIZERS; lr; steps: optimizer steps per restart; inner_steps: L-BFGS
+    iterations per step; schedule: name in SCHEDULES.
+    labels: name in LABELS; init: "uniform", "gaussian" or "mid" (see the task's initial_guess); priors: prior name -> weight;
+    box: project onto the feasible set after each step.
+    feature_weight: weight of matching each example's output-layer input to the values solved from
+    the output layer's gradient (`analytic.linear_layer_inputs`); 0 = off. Batches need fixed labels;
+    for batch size 1 the solve is exact and label-free.
+    restarts: independent starts, best kept by gradient distance; stop_distance: a restart ends
+    once the relative gradient distance falls below it; patience: steps without a 1 % improvement
+    before a restart is declared stalled (0 = never); precision: "float64" or "float32".
+    """
+
+    objective: str = "l2"
+    l1_weight: float = 1e-2
+    layer_weights: str = "uniform"
+    optimizer: str = "lbfgs"
+    lr: float = 1.0
+    steps: int = 300
+    inner_steps: int = 20
+    schedule: str = "none"
+    labels: str = "soft"
+    init: str = "uniform"
+    priors: dict[str, float] = field(default_factory=dict)
+    box: bool = False
+    feature_weight: float = 0.0
+    restarts: int = 4
+    stop_distance: float = 1e-12
+    patience: int = 50
+    precision: str = "float64"
+
+    def validate(self) -> None:
+        """Raise ConfigError for unknown names or out-of-range numbers."""
+        OBJECTIVES.get(self.objective)
+        LAYER_WEIGHTS.get(self.layer_weights)
+        OPTIMIZERS.get(self.optimizer)
+        SCHEDULES.get(self.schedule)
+        LABELS.get(self.labels)
+        for name in self.priors:
+            PRIORS.get(name)
+        if self.init not in INITS:
+            raise ConfigError(f"attack.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.precision not in DTYPES:
+            raise ConfigError(f"attack.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
+        for key in ("steps", "inner_steps", "restarts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"attack.{key} must be at least 1")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError("attack.lr must be a positive number")
+        if self.feature_weight < 0:
+            raise ConfigError("attack.feature_weight must be 0 (off) or positive")
+        if self.patience < 0:
+            raise ConfigError("attack.patience must be 0 (off) or positive")
+
+
+@dataclass
+class StepEvent:
+    """What a step callback sees. `inputs` is a detached view of the current candidate."""
+
+    restart: int
+    restarts: int
+    step: int
+    steps: int
+    distance: float
+    seconds: float
+    inputs: torch.Tensor
+
+
+@dataclass
+class Recovery:
+    """The attacker's result.
+
+    inputs: [B, *input_shape] float32 on the CPU, in the task's input space.
+    labels: [B, num_classes] probabilities (one-hot when fixed by an analytic strategy).
+    distance: relative gradient distance of the returned candidate.
+    status: "converged", "stalled", "budget" (ran all steps) or "diverged" per restart; the chosen one here.
+    trace: one dict per step of every restart (restart, step, distance, seconds).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    distance: float
+    restart: int
+    status: str
+    steps: int
+    seconds: float
+    restart_status: list[str]
+    trace: list[dict[str, Any]]
+
+    @property
+    def label_ids(self) -> list[int]:
+        return [int(i) for i in self.labels.argmax(dim=-1)]
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+def reconstruct(
+    task: Task,
+    observation: Observation,
+    attack: AttackConfig,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    callbacks: Sequence[StepCallback] = (),
+) -> Recovery:
+    """Recover a batch of inputs (and labels) whose gradient matches `observation`.
+
+    Args:
+        task: the adapter (its model's weights are what the attacker holds; it is copied, not changed).
+        observation: the shared gradient and its metadata.
+        attack: the attacker's choices.
+        seed: makes initialisation, and so the whole search, deterministic.
+        device: where to run ("cpu", "cuda").
+        callbacks: called after every step with a StepEvent (progress bars, external probes).
+    Returns:
+        The best restart by gradient distance.
+    Raises:
+        ObservationMismatch: gradient names/shapes do not fit the model.
+        AttackDiverged: every restart ended in NaN/inf.
+    """
+    attack.validate()
+    observation.check_against(task.model)
+    dtype = DTYPES[attack.precision]
+    work = task.copy_to(dtype=dtype, device=device)
+    names = [n for n, _ in work.parameters()]
+    target = [observation.gradients[n].to(device=device, dtype=dtype) for n in names]
+    fixed = LABELS.get(attack.labels)(observation, task)
+    objective = OBJECTIVES.get(attack.objective)
+    options = ObjectiveOptions(l1_weight=attack.l1_weight)
+    weights = LAYER_WEIGHTS.get(attack.layer_weights)(target)
+    priors = [(PRIORS.get(n), w) for n, w in attack.priors.items() if w != 0]
+    batch = observation.batch_size
+    features = _feature_targets(work, observation, fixed, dtype, device) if attack.feature_weight > 0 else None
+
+    started = time.perf_counter()
+    trace: list[dict[str, Any]] = []
+    statuses: list[str] = []
+    best: tuple[float, int, torch.Tensor, torch.Tensor, int] | None = None
+    for restart in range(attack.restarts):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + restart)
+        x = work.initial_guess(batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
+        x.requires_grad_(True)
+        variables = [x]
+        if fixed is None:
+            logits = torch.randn((batch, work.num_classes), generator=gen, dtype=torch.float64)
+            logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
+            variables.append(logits)
+        else:
+            fixed_labels = fixed.to(device=device, dtype=dtype)
+
+        def labels_now() -> torch.Tensor:
+            return torch.softmax(logits, dim=-1) if fixed is None else fixed_labels
+
+        optimizer = OPTIMIZERS.get(attack.optimizer)(variables, attack.lr, attack.inner_steps)
+        schedule = SCHEDULES.get(attack.schedule)(optimizer, attack.steps)
+        first_eval: list[float] = []
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            if features is None:
+                grads = work.gradients(x, labels_now(), reduction=observation.reduction, create_graph=True)
+                loss = objective(grads, target, weights, options)
+            else:
+                grads, feats = work.gradients_and_features(x, labels_now(), reduction=observation.reduction, create_graph=True)
+                loss = objective(grads, target, weights, options)
+                loss = loss + attack.feature_weight * (feats - features[0]).pow(2).sum() / features[1]
+            for prior, w in priors:
+                loss = loss + w * prior(x)
+            loss.backward()
+            first_eval.append(relative_distance(grads, target))
+            return loss
+
+        status = "budget"
+        restart_best: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
+        last_improvement, reference = 0, math.inf
+        step = 0
+        for step in range(1, attack.steps + 1):
+            first_eval.clear()
+            before = (x.detach().clone(), labels_now().detach().clone())
+            optimizer.step(closure)
+            if schedule is not None:
+                schedule.step()
+            if attack.box:
+                with torch.no_grad():
+                    x.copy_(work.project(x))
+            # the first evaluation of a step is at the point the step started from
+            distance = first_eval[0] if first_eval else math.nan
+            elapsed = time.perf_counter() - started
+            trace.append({"restart": restart, "step": step, "distance": distance, "seconds": round(elapsed, 4)})
+            if not math.isfinite(distance) or not torch.isfinite(x).all():
+                status = "diverged"
+                break
+            if restart_best is None or distance < restart_best[0]:
+                restart_best = (distance, before[0], before[1], step - 1)
+            event = StepEvent(restart, attack.restarts, step, attack.steps, distance, elapsed, before[0])
+            for callback in callbacks:
+                callback(event)
+            if distance < attack.stop_distance:
+                status = "converged"
+                break
+            if distance < 0.99 * reference:
+                reference, last_improvement = distance, step
+            elif attack.patience and step - last_improvement >= attack.patience:
+                status = "stalled"
+                break
+        if status != "diverged":
+            final = _distance(work, x, labels_now(), target, observation.reduction)
+            if math.isfinite(final) and (restart_best is None or final < restart_best[0]):
+                restart_best = (final, x.detach().clone(), labels_now().detach().clone(), step)
+        statuses.append(status)
+        if restart_best is not None and (best is None or restart_best[0] < best[0]):
+            best = (restart_best[0], restart, restart_best[1], restart_best[2], restart_best[3])
+        if status == "converged":
+            break
+
+    if best is None or all(status == "diverged" for status in statuses):
+        raise AttackDiverged(f"all {len(statuses)} restart(s) diverged to NaN/inf; try a smaller attack.lr")
+    distance, restart, inputs, labels, steps = best
+    return Recovery(
+        inputs=inputs.to("cpu", torch.float32),
+        labels=labels.to("cpu", torch.float32),
+        distance=distance,
+        restart=restart,
+        status=statuses[restart],
+        steps=steps,
+        seconds=time.perf_counter() - started,
+        restart_status=statuses,
+        trace=trace,
+    )
+
+
+def _feature_targets(
+    task: Task, observation: Observation, fixed: torch.Tensor | None, dtype: torch.dtype, device: str | torch.device
+) -> tuple[torch.Tensor, float]:
+    """Per-example output-layer inputs solved from the observation, and their squared norm."""
+    from leakkit import analytic
+
+    w_name, b_name = task.classifier_parameter_names()
+    if b_name is None:
+        raise ConfigError("attack.feature_weight needs an output layer with a bias")
+    if fixed is None and observation.batch_size > 1:
+        raise ConfigError("attack.feature_weight with batch size > 1 needs fixed labels (attack.labels=batch)")
+    params = dict(task.parameters())
+    labels = fixed if fixed is not None else torch.eye(task.num_classes, dtype=torch.float64)[:1]
+    H = analytic.linear_layer_inputs(
+        observation.gradients[w_name], observation.gradients[b_name], params[w_name], params[b_name],
+        labels, reduction=observation.reduction,
+    )
+    H = H.to(device=device, dtype=dtype)
+    return H, float(H.pow(2).sum())
+
+
+def _distance(task: Task, x: torch.Tensor, labels: torch.Tensor, target: list[torch.Tensor], reduction: str) -> float:
+    grads = task.gradients(x.detach(), labels.detach(), reduction=reduction)
+    return relative_distance(grads, target)

@@ -1,0 +1,81 @@
+"""Gradient-matching objectives and per-layer weightings, by name.
+
+An objective compares the candidate's gradient with the observed one, layer by layer:
+`objective(pred, target, weights, options) -> scalar`, where `pred` and `target` are lists of
+tensors in model parameter order and `weights` one float per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from leakkit.registry import Registry
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions:
+    """Hyper-parameters some objectives use. l1_weight: TAG's weight on the L1 term."""
+
+    l1_weight: float = 1e-2
+
+
+Objective = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[float], ObjectiveOptions], torch.Tensor]
+LayerWeighting = Callable[[Sequence[torch.Tensor]], list[float]]
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+LAYER_WEIGHTS: Registry[LayerWeighting] = Registry("layer weighting")
+
+
+@OBJECTIVES.register("l2")
+def squared_l2(pred, target, weights, options):
+    """Squared Euclidean distance, sum over layers (DLG)."""
+    return sum(w * (p - t).pow(2).sum() for p, t, w in zip(pred, target, weights))
+
+
+@OBJECTIVES.register("cosine")
+def cosine(pred, target, weights, options):
+    """1 - cosine similarity of the whole weighted gradient vectors (Inverting Gradients)."""
+    dot = sum(w * (p * t).sum() for p, t, w in zip(pred, target, weights))
+    pn = sum(w * p.pow(2).sum() for p, w in zip(pred, weights))
+    tn = sum(w * t.pow(2).sum() for t, w in zip(target, weights))
+    return 1 - dot / (pn.sqrt() * tn.sqrt() + 1e-30)
+
+
+@OBJECTIVES.register("l2+l1")
+def l2_plus_l1(pred, target, weights, options):
+    """Squared L2 plus l1_weight times L1 distance, per layer (TAG)."""
+    return sum(
+        w * ((p - t).pow(2).sum() + options.l1_weight * (p - t).abs().sum())
+        for p, t, w in zip(pred, target, weights)
+    )
+
+
+@LAYER_WEIGHTS.register("uniform")
+def uniform(target):
+    """Every layer counts equally."""
+    return [1.0] * len(target)
+
+
+@LAYER_WEIGHTS.register("inverse-norm")
+def inverse_norm(target):
+    """Each layer scaled by 1 / its observed squared norm, so small layers are not drowned out."""
+    norms = [float(t.pow(2).sum()) for t in target]
+    return [len(norms) / (n * sum(1 / max(m, 1e-30) for m in norms)) if n > 0 else 0.0 for n in norms]
+
+
+@LAYER_WEIGHTS.register("input-first")
+def input_first(target):
+    """Weights falling linearly from 1 (first layer) to 1/L (last): layers near the input matter more (TAG)."""
+    n = len(target)
+    return [(n - i) / n for i in range(n)]
+
+
+def relative_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> float:
+    """||pred - target||^2 / ||target||^2 over all layers: the objective-independent gradient distance."""
+    with torch.no_grad():
+        num = sum(float((p - t).pow(2).sum()) for p, t in zip(pred, target))
+        den = sum(float(t.pow(2).sum()) for t in target)
+    return num / den if den > 0 else num
