@@ -1,0 +1,204 @@
+"""Recipes: declarative TOML files resolved into typed dataclasses, plus `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from leakkit.engine import AttackConfig
+from leakkit.errors import ConfigError
+
+
+@dataclass
+class TaskSpec:
+    """`[task]`: name in TASKS and the options its builder takes."""
+
+    name: str = "image-classification"
+    model: str = "lenet"
+    num_classes: int = 100
+    image_size: int = 32
+    channels: int = 3
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DataSpec:
+    """`[data]`: where private examples come from. samples: images attacked when --samples is absent."""
+
+    source: str = "embedded"
+    path: str = ""
+    batch_size: int = 1
+    samples: int = 1
+    reduction: str = "mean"
+
+
+@dataclass
+class MetricsSpec:
+    """`[metrics]`: success_psnr is the PSNR (dB) at which an image counts as recovered."""
+
+    success_psnr: float = 40.0
+
+
+@dataclass
+class Recipe:
+    """A resolved recipe: one published method's setting, ready to run."""
+
+    name: str
+    description: str = ""
+    citation: str = ""
+    task: TaskSpec = field(default_factory=TaskSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ConfigError for values no run could use."""
+        self.attack.validate()
+        if self.data.batch_size < 1:
+            raise ConfigError("data.batch_size must be at least 1")
+        if self.data.samples < 1:
+            raise ConfigError("data.samples must be at least 1")
+        if self.data.reduction not in ("mean", "sum"):
+            raise ConfigError("data.reduction must be 'mean' or 'sum'")
+        for key in ("num_classes", "image_size", "channels"):
+            if getattr(self.task, key) < 1:
+                raise ConfigError(f"task.{key} must be at least 1")
+        for key in ("mean", "std"):
+            values = getattr(self.task, key)
+            if values and len(values) != self.task.channels:
+                raise ConfigError(f"task.{key} needs one value per channel ({self.task.channels})")
+        if any(s <= 0 for s in self.task.std):
+            raise ConfigError("task.std values must be positive")
+
+
+SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "metrics": MetricsSpec}
+TOP_LEVEL = {"description", "citation"}
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Names and paths of the recipes shipped with the package."""
+    root = resources.files("leakkit.recipes")
+    return {p.name[: -len(".toml")]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
+    """Resolve a bundled recipe name or a path to a recipe file, then apply `key=value` overrides.
+
+    Raises:
+        ConfigError: unknown recipe or key, malformed TOML, or a value of the wrong type.
+    """
+    bundled = bundled_recipes()
+    if name_or_path in bundled:
+        path, name = bundled[name_or_path], name_or_path
+    else:
+        path = Path(name_or_path)
+        if not (path.suffix == ".toml" or path.exists()):
+            raise ConfigError(f"unknown recipe {name_or_path!r}; bundled: {', '.join(sorted(bundled))}")
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        name = path.stem
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path} is not valid TOML: {e}") from None
+    recipe = _from_dict(name, raw, where=str(path))
+    for item in overrides:
+        apply_override(recipe, item)
+    recipe.validate()
+    return recipe
+
+
+def _from_dict(name: str, raw: dict[str, Any], *, where: str) -> Recipe:
+    unknown = set(raw) - set(SECTIONS) - TOP_LEVEL
+    if unknown:
+        valid = ", ".join(sorted(set(SECTIONS) | TOP_LEVEL))
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {valid}")
+    recipe = Recipe(name=name, description=str(raw.get("description", "")), citation=str(raw.get("citation", "")))
+    for section, table in raw.items():
+        if section in TOP_LEVEL:
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table")
+        target = getattr(recipe, section)
+        for key, value in table.items():
+            _set(target, section, key, value, from_text=False)
+    return recipe
+
+
+def valid_keys() -> list[str]:
+    """Every `section.key` an override may name."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def apply_override(recipe: Recipe, item: str) -> None:
+    """Apply one `section.key=value` (or `attack.priors.NAME=value`) to the recipe in place."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    if parts[0] not in SECTIONS or len(parts) < 2:
+        raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
+    target = getattr(recipe, parts[0])
+    if len(parts) == 3 and parts[0] == "attack" and parts[1] == "priors":
+        recipe.attack.priors[parts[2]] = _coerce(float, value, key, from_text=True)
+        return
+    if len(parts) != 2:
+        raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
+    _set(target, parts[0], parts[1], value.strip(), from_text=True)
+
+
+def _set(target: Any, section: str, key: str, value: Any, *, from_text: bool) -> None:
+    hints = typing.get_type_hints(type(target))
+    if key not in hints or key not in {f.name for f in dataclasses.fields(target)}:
+        valid = ", ".join(f"{section}.{f.name}" for f in dataclasses.fields(target))
+        raise ConfigError(f"unknown key '{section}.{key}'; valid: {valid}")
+    setattr(target, key, _coerce(hints[key], value, f"{section}.{key}", from_text=from_text))
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(kind: Any, value: Any, key: str, *, from_text: bool) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        items = [v for v in str(value).split(",") if v.strip()] if from_text else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        return [_coerce(item, v, key, from_text=from_text) for v in items]
+    if origin is dict:
+        if from_text or not isinstance(value, dict):
+            raise ConfigError(f"{key} is a table: set its entries as {key}.NAME=value")
+        return {str(k): _coerce(float, v, f"{key}.{k}", from_text=False) for k, v in value.items()}
+    if from_text:
+        text = str(value).strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            if kind is int:
+                return int(text)
+            if kind is float:
+                return float(text)
+            return text
+        except ValueError:
+            raise ConfigError(f"{key} expects {_TYPE_WORDS.get(kind, kind)}, got {text!r}") from None
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(kind, True)
+    if not ok:
+        raise ConfigError(f"{key} expects {_TYPE_WORDS.get(kind, kind)}, got {value!r}")
+    return float(value) if kind is float else value

@@ -1,0 +1,78 @@
+"""Metrics: pure functions of (truth, recovery). The only place ground truth meets the attack."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+PSNR_CAP = 100.0  # identical images have infinite PSNR; JSON cannot say so, and 100 dB is exact to 1e-5
+
+
+def mse(truth: np.ndarray, recovered: np.ndarray) -> float:
+    """Mean squared error of two images with values in [0, 1]."""
+    return float(np.mean((np.asarray(truth, np.float64) - np.asarray(recovered, np.float64)) ** 2))
+
+
+def psnr(truth: np.ndarray, recovered: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB for data range 1 (scikit-image), capped at PSNR_CAP."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if mse(truth, recovered) == 0:
+        return PSNR_CAP
+    value = peak_signal_noise_ratio(np.asarray(truth, np.float64), np.asarray(recovered, np.float64), data_range=1.0)
+    return float(min(value, PSNR_CAP))
+
+
+def ssim(truth: np.ndarray, recovered: np.ndarray) -> float:
+    """Structural similarity (scikit-image) of C x H x W images in [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    side = min(truth.shape[-2:])
+    win = min(7, side if side % 2 else side - 1)
+    if win < 3:
+        return float("nan")
+    return float(
+        structural_similarity(
+            np.asarray(truth, np.float64), np.asarray(recovered, np.float64),
+            data_range=1.0, channel_axis=0, win_size=win,
+        )
+    )
+
+
+def best_match(truth: np.ndarray, recovered: np.ndarray) -> list[int]:
+    """Assignment of recovered examples to true ones minimising total MSE (order is not recoverable).
+
+    Shape: truth [B, ...], recovered [B, ...]. Returns perm with recovered[perm[i]] matched to truth[i].
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    t = np.asarray(truth, np.float64).reshape(len(truth), -1)
+    r = np.asarray(recovered, np.float64).reshape(len(recovered), -1)
+    cost = ((t[:, None, :] - r[None, :, :]) ** 2).mean(axis=2)
+    rows, cols = linear_sum_assignment(cost)
+    perm = [0] * len(truth)
+    for i, j in zip(rows, cols):
+        perm[int(i)] = int(j)
+    return perm
+
+
+def label_accuracy(truth: list[int], recovered: list[int]) -> float:
+    """Fraction of labels recovered, as multisets (a batch's labels come back in any order)."""
+    if not truth:
+        return float("nan")
+    from collections import Counter
+
+    common = Counter(truth) & Counter(recovered)
+    return sum(common.values()) / len(truth)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval for a success rate."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -1,0 +1,104 @@
+"""One directory per run: resolved config, metrics stamped with provenance, trace, pictures."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+
+def provenance(*, seed: int, device: str) -> dict[str, Any]:
+    """Package version, git commit of the leakkit source (if a checkout), torch version, device, seed."""
+    import torch
+
+    from leakkit import __version__
+
+    return {
+        "leakkit_version": __version__,
+        "git_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+    }
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: a reader (or a crash) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RunDir:
+    """The files of one run.
+
+    config.json (resolved recipe and CLI options), metrics.json (summary, samples, provenance;
+    rewritten after every batch), trace.jsonl (per-step gradient distance), grid.png, and
+    recovered.safetensors (the recovered inputs).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._trace = self.path / "trace.jsonl"
+        self._trace.write_text("", encoding="utf-8")
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.path / "config.json", config)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        write_json(self.path / "metrics.json", metrics)
+
+    def append_trace(self, rows: Iterable[dict[str, Any]]) -> None:
+        with self._trace.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default) + "\n")
+
+    def save_image(self, name: str, image: np.ndarray) -> Path:
+        from PIL import Image
+
+        path = self.path / name
+        Image.fromarray(image).save(path)
+        return path
+
+    def save_tensors(self, name: str, tensors: dict[str, Any]) -> Path:
+        from safetensors.torch import save_file
+
+        path = self.path / name
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        return path

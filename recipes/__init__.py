@@ -1,0 +1,1 @@
+"""Bundled recipe files (TOML), installed as `leakkit.recipes`."""
