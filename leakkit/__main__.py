@@ -1,0 +1,3 @@
+from leakkit.cli import main
+
+raise SystemExit(main())
