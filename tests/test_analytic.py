@@ -1,0 +1,72 @@
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from leakkit import analytic
+from leakkit.labels import LABELS
+from leakkit.tasks import ImageClassification
+from leakkit.victim import observe
+from conftest import real_image
+
+
+def _setup(batch, labels, seed=0, size=16, classes=10):
+    torch.manual_seed(seed)
+    task = ImageClassification.from_name("lenet", num_classes=classes, image_size=size)
+    x = torch.stack([torch.from_numpy(real_image(size, i)) for i in range(batch)])
+    obs = observe(task, x, torch.tensor(labels))
+    return task, x, obs
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.data())
+def test_distinct_labels_are_recovered_exactly(data):
+    batch = data.draw(st.integers(1, 6))
+    labels = data.draw(st.lists(st.integers(0, 99), min_size=batch, max_size=batch, unique=True))
+    task, x, obs = _setup(batch, labels, seed=data.draw(st.integers(0, 100)), classes=100)
+    # the documented condition: no present class gets a total probability of 1 or more
+    with torch.no_grad():
+        total = torch.softmax(task.model(x), dim=-1).sum(0)
+    assume(all(float(total[c]) < 1 for c in labels))
+    got = analytic.label_counts(obs.gradients["fc.weight"], obs.gradients["fc.bias"], batch)
+    assert got == sorted(labels)
+
+
+def test_idlg_label_with_and_without_bias():
+    for label in (0, 4, 9):
+        _, _, obs = _setup(1, [label])
+        assert analytic.label_single(obs.gradients["fc.weight"], obs.gradients["fc.bias"]) == label
+        # without a bias, the row sums of the weight gradient carry the sign (sigmoid features >= 0)
+        assert analytic.label_single(obs.gradients["fc.weight"], None) == label
+
+
+def test_repeated_labels_are_estimated_with_the_right_total():
+    _, _, obs = _setup(4, [2, 2, 2, 7])
+    got = analytic.label_counts(obs.gradients["fc.weight"], obs.gradients["fc.bias"], 4)
+    assert len(got) == 4 and set(got) == {2, 7}
+
+
+def test_label_strategies_return_distributions():
+    task, _, obs = _setup(1, [6])
+    onehot = LABELS.get("idlg")(obs, task)
+    assert onehot.shape == (1, 10) and int(onehot.argmax()) == 6
+    assert LABELS.get("soft")(obs, task) is None
+
+
+def test_linear_layer_input_is_exact_for_one_example():
+    task, x, obs = _setup(1, [3])
+    with torch.no_grad():
+        features = task.model.body(x).flatten(1)[0].double()
+    got = analytic.linear_layer_input(obs.gradients["fc.weight"].double(), obs.gradients["fc.bias"].double())
+    assert torch.allclose(got, features, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_layer_inputs_separate_a_batch():
+    labels = [1, 4, 6, 8]
+    task, x, obs = _setup(4, labels)
+    with torch.no_grad():
+        features = task.model.body(x).flatten(1).double()
+    Y = torch.nn.functional.one_hot(torch.tensor(labels), 10).double()
+    H = analytic.linear_layer_inputs(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, Y)
+    rel = (H - features).norm(dim=1) / features.norm(dim=1)
+    assert float(rel.max()) < 1e-4

@@ -1,0 +1,39 @@
+"""Every bundled recipe runs end to end with a tiny budget."""
+
+import json
+
+import pytest
+
+from leakkit.config import bundled_recipes, load_recipe
+from leakkit.experiment import Interrupted, run_recipe
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_recipe_smoke_run(name, tmp_path):
+    recipe = load_recipe(name, ["attack.steps=2", "attack.restarts=1", "attack.inner_steps=2"])
+    result = run_recipe(recipe, out=tmp_path, samples=1, seed=0)
+    s = result["summary"]
+    assert s["n"] == 1 and s["success_threshold_psnr"] == recipe.metrics.success_psnr
+    assert result["samples"][0]["psnr"] is not None
+    assert json.loads((tmp_path / "metrics.json").read_text())["recipe"] == name
+
+
+def test_batches_round_up_and_score_every_image(tmp_path):
+    recipe = load_recipe("idlg", ["data.batch_size=3", "attack.labels=batch", "attack.steps=2", "attack.restarts=1",
+                                  "task.image_size=16", "task.num_classes=10"])
+    result = run_recipe(recipe, out=tmp_path, samples=5, seed=0)
+    assert result["summary"]["n"] == 6
+    assert sorted({r["batch"] for r in result["samples"]}) == [0, 1]
+    assert sorted(r["matched_slot"] for r in result["samples"] if r["batch"] == 0) == [0, 1, 2]
+
+
+def test_interrupt_saves_what_finished(tmp_path):
+    recipe = load_recipe("idlg", ["attack.steps=2", "attack.restarts=1", "task.image_size=16", "task.num_classes=10"])
+
+    def stop_after_first(index, rows):
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="interrupted after 1 of 3"):
+        run_recipe(recipe, out=tmp_path, samples=3, seed=0, on_batch=stop_after_first)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["summary"]["n"] == 1 and m["summary"]["interrupted"] is True
