@@ -123,10 +123,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from leakkit.experiment import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.samples is not None and args.samples < 1:
-        from leakkit.errors import InputError
-
-        raise InputError("--samples must be at least 1")
     out = args.out or _default_out(args.recipe)
     console = _console()
     progress = _progress(args, console)

@@ -117,14 +117,14 @@ def load_samples(recipe: Recipe, *, input_path: str | None, samples: int | None,
     The count is rounded up to whole batches (every client step has data.batch_size images).
     """
     bs = recipe.data.batch_size
+    if samples is not None and samples < 1:
+        raise InputError("--samples must be at least 1")
     if input_path is not None:
         pool = SOURCES.get("files")(input_path)
         n = samples if samples is not None else len(pool)
         n = bs * math.ceil(n / bs)
         return [pool[i % len(pool)] for i in range(n)]
     n = samples if samples is not None else recipe.data.samples
-    if n < 1:
-        raise InputError("--samples must be at least 1")
     return draw(recipe.data.source, recipe.data.path, bs * math.ceil(n / bs), seed=seed)
 
 
