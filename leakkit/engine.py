@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -24,6 +25,8 @@ from leakkit.tasks.base import Task
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 INITS = ("uniform", "gaussian", "mid")
+# With the right labels the feature solve fits to ~1e-10 or better (float32 gradients); wrong labels leave >1e-3.
+FEATURE_RESIDUAL_LIMIT = 1e-6
 
 
 @dataclass
@@ -32,7 +35,7 @@ class AttackConfig:
 
     objective: name in OBJECTIVES; l1_weight: TAG's L1 weight; layer_weights: name in LAYER_WEIGHTS.
     optimizer: name in OPTIMIZERS; lr; steps: optimizer steps per restart; inner_steps: L-BFGS
-    iterations per step; schedule: name in SCHEDULES.
+    iterations per step; history: L-BFGS memory; schedule: name in SCHEDULES.
     labels: name in LABELS; init: "uniform", "gaussian" or "mid" (see the task's initial_guess); priors: prior name -> weight;
     box: project onto the feasible set after each step.
     feature_weight: weight of matching each example's output-layer input to the values solved from
@@ -50,6 +53,7 @@ class AttackConfig:
     lr: float = 1.0
     steps: int = 300
     inner_steps: int = 20
+    history: int = 100
     schedule: str = "none"
     labels: str = "soft"
     init: str = "uniform"
@@ -74,7 +78,7 @@ class AttackConfig:
             raise ConfigError(f"attack.init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.precision not in DTYPES:
             raise ConfigError(f"attack.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
-        for key in ("steps", "inner_steps", "restarts"):
+        for key in ("steps", "inner_steps", "history", "restarts"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"attack.{key} must be at least 1")
         if self.lr <= 0 or not math.isfinite(self.lr):
@@ -184,7 +188,9 @@ def reconstruct(
         def labels_now() -> torch.Tensor:
             return torch.softmax(logits, dim=-1) if fixed is None else fixed_labels
 
-        optimizer = OPTIMIZERS.get(attack.optimizer)(variables, attack.lr, attack.inner_steps)
+        optimizer = OPTIMIZERS.get(attack.optimizer)(
+            variables, lr=attack.lr, inner_steps=attack.inner_steps, history=attack.history
+        )
         schedule = SCHEDULES.get(attack.schedule)(optimizer, attack.steps)
         first_eval: list[float] = []
 
@@ -199,7 +205,8 @@ def reconstruct(
                 loss = loss + attack.feature_weight * (feats - features[0]).pow(2).sum() / features[1]
             for prior, w in priors:
                 loss = loss + w * prior(x)
-            loss.backward()
+            # only the search variables need gradients, not the attacker's copy of the weights
+            loss.backward(inputs=variables)
             first_eval.append(relative_distance(grads, target))
             return loss
 
@@ -264,8 +271,12 @@ def reconstruct(
 
 def _feature_targets(
     task: Task, observation: Observation, fixed: torch.Tensor | None, dtype: torch.dtype, device: str | torch.device
-) -> tuple[torch.Tensor, float]:
-    """Per-example output-layer inputs solved from the observation, and their squared norm."""
+) -> tuple[torch.Tensor, float] | None:
+    """Per-example output-layer inputs solved from the observation, and their squared norm.
+
+    None (with a warning) when the solve cannot fit the gradient: then the labels are wrong and
+    the targets would pull every example away from the truth.
+    """
     from leakkit import analytic
 
     w_name, b_name = task.classifier_parameter_names()
@@ -275,10 +286,17 @@ def _feature_targets(
         raise ConfigError("attack.feature_weight with batch size > 1 needs fixed labels (attack.labels=batch)")
     params = dict(task.parameters())
     labels = fixed if fixed is not None else torch.eye(task.num_classes, dtype=torch.float64)[:1]
-    H = analytic.linear_layer_inputs(
+    H, residual = analytic.linear_layer_inputs(
         observation.gradients[w_name], observation.gradients[b_name], params[w_name], params[b_name],
         labels, reduction=observation.reduction,
     )
+    if residual > FEATURE_RESIDUAL_LIMIT:
+        warnings.warn(
+            f"output-layer features do not fit the inferred labels (residual {residual:.1e}); "
+            "matching without feature targets for this batch",
+            stacklevel=3,
+        )
+        return None
     H = H.to(device=device, dtype=dtype)
     return H, float(H.pow(2).sum())
 

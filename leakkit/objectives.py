@@ -76,6 +76,7 @@ def input_first(target):
 def relative_distance(pred: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> float:
     """||pred - target||^2 / ||target||^2 over all layers: the objective-independent gradient distance."""
     with torch.no_grad():
-        num = sum(float((p - t).pow(2).sum()) for p, t in zip(pred, target))
-        den = sum(float(t.pow(2).sum()) for t in target)
+        num = torch.stack([(p - t).pow(2).sum() for p, t in zip(pred, target)]).sum()
+        den = torch.stack([t.pow(2).sum() for t in target]).sum()
+        num, den = float(num), float(den)
     return num / den if den > 0 else num

@@ -8,7 +8,7 @@ import torch
 
 from leakkit.registry import Registry
 
-OptimizerBuilder = Callable[[Sequence[torch.Tensor], float, int], torch.optim.Optimizer]
+OptimizerBuilder = Callable[..., torch.optim.Optimizer]  # (params, *, lr, inner_steps, history)
 ScheduleBuilder = Callable[[torch.optim.Optimizer, int], "torch.optim.lr_scheduler.LRScheduler | None"]
 
 OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
@@ -33,28 +33,28 @@ class SignedAdam(torch.optim.Adam):
 
 
 @OPTIMIZERS.register("lbfgs")
-def _lbfgs(params, lr, inner_steps):
-    """L-BFGS with strong-Wolfe line search (inner_steps iterations per step, history 100)."""
+def _lbfgs(params, *, lr, inner_steps, history):
+    """L-BFGS with strong-Wolfe line search (inner_steps iterations per step)."""
     return torch.optim.LBFGS(
-        params, lr=lr, max_iter=inner_steps, history_size=100, line_search_fn="strong_wolfe",
+        params, lr=lr, max_iter=inner_steps, history_size=history, line_search_fn="strong_wolfe",
         tolerance_grad=0.0, tolerance_change=0.0,
     )
 
 
 @OPTIMIZERS.register("lbfgs-plain")
-def _lbfgs_plain(params, lr, inner_steps):
+def _lbfgs_plain(params, *, lr, inner_steps, history):
     """L-BFGS with a fixed step and no line search, as in the DLG paper's code."""
-    return torch.optim.LBFGS(params, lr=lr, max_iter=inner_steps)
+    return torch.optim.LBFGS(params, lr=lr, max_iter=inner_steps, history_size=history)
 
 
 @OPTIMIZERS.register("adam")
-def _adam(params, lr, inner_steps):
+def _adam(params, *, lr, inner_steps, history):
     """Adam."""
     return torch.optim.Adam(params, lr=lr)
 
 
 @OPTIMIZERS.register("signed-adam")
-def _signed_adam(params, lr, inner_steps):
+def _signed_adam(params, *, lr, inner_steps, history):
     """Adam on the gradient's sign (Inverting Gradients)."""
     return SignedAdam(params, lr=lr)
 
