@@ -79,7 +79,7 @@ def linear_layer_inputs(
     *,
     reduction: str = "mean",
     iterations: int = 2000,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, float]:
     """Per-example inputs of the output linear layer, from its gradient, its weights and the labels.
 
     With cross-entropy, dW = s * sum_i (p_i - y_i) h_i^T and db = s * sum_i (p_i - y_i), where
@@ -93,29 +93,36 @@ def linear_layer_inputs(
         weight, bias: the layer's parameters, shapes [C, D] and [C].
         labels: [B, C] label distributions (one-hot), the order of the returned rows.
     Returns:
-        [B, D] float64.
+        ([B, D] float64 inputs, relative residual of the equations). A residual far above zero
+        means the labels are not the batch's (e.g. a repeated label estimated wrongly).
     """
     gW, gb = weight_grad.double(), bias_grad.double()
     W, b, Y = weight.detach().double(), bias.detach().double(), labels.detach().double()
     batch = Y.shape[0]
-    if batch == 1:
-        return linear_layer_input(gW, gb)[None]
     scale = 1.0 / batch if reduction == "mean" else 1.0
+    nW, nb = float(gW.pow(2).sum()), float(gb.pow(2).sum())
+
+    def residual(H: torch.Tensor) -> torch.Tensor:
+        A = scale * (torch.softmax(H @ W.T + b, dim=-1) - Y)
+        return (A.T @ H - gW).pow(2).sum() / nW + (A.sum(0) - gb).pow(2).sum() / nb
+
+    if batch == 1:  # closed form; its residual still tells whether the label fits
+        H = linear_layer_input(gW, gb)[None]
+        return H, float(residual(H))
     rows = Y.argmax(dim=1)
     H = torch.stack([gW[c] / gb[c] for c in rows])
     # repeated labels start from the same row: nudge them apart so the solve can separate them
     H = H + 1e-3 * H.abs().mean() * torch.randn(H.shape, generator=torch.Generator().manual_seed(0), dtype=H.dtype)
     H.requires_grad_(True)
-    nW, nb = float(gW.pow(2).sum()), float(gb.pow(2).sum())
     opt = torch.optim.LBFGS([H], lr=1, max_iter=iterations, history_size=100, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-14, tolerance_change=1e-20)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        A = scale * (torch.softmax(H @ W.T + b, dim=-1) - Y)
-        loss = (A.T @ H - gW).pow(2).sum() / nW + (A.sum(0) - gb).pow(2).sum() / nb
+        loss = residual(H)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return H.detach()
+    H = H.detach()
+    return H, float(residual(H))

@@ -67,6 +67,10 @@ def test_linear_layer_inputs_separate_a_batch():
     with torch.no_grad():
         features = task.model.body(x).flatten(1).double()
     Y = torch.nn.functional.one_hot(torch.tensor(labels), 10).double()
-    H = analytic.linear_layer_inputs(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, Y)
+    H, residual = analytic.linear_layer_inputs(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, Y)
     rel = (H - features).norm(dim=1) / features.norm(dim=1)
-    assert float(rel.max()) < 1e-4
+    assert float(rel.max()) < 1e-4 and residual < 1e-8
+    # wrong labels cannot fit the gradient: the residual says so
+    wrong = torch.nn.functional.one_hot(torch.tensor([1, 4, 6, 9]), 10).double()
+    _, bad = analytic.linear_layer_inputs(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, wrong)
+    assert bad > 1e-4
