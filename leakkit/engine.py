@@ -17,10 +17,10 @@ import torch
 
 from leakkit.errors import AttackDiverged, ConfigError
 from leakkit.labels import LABELS
-from leakkit.objectives import LAYER_WEIGHTS, OBJECTIVES, ObjectiveOptions, relative_distance
+from leakkit.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
 from leakkit.observation import Observation
 from leakkit.optimizers import OPTIMIZERS, SCHEDULES
-from leakkit.priors import PRIORS
+from leakkit.priors import PRIORS, Prior
 from leakkit.tasks.base import Task
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -166,108 +166,155 @@ def reconstruct(
     options = ObjectiveOptions(l1_weight=attack.l1_weight)
     weights = LAYER_WEIGHTS.get(attack.layer_weights)(target)
     priors = [(PRIORS.get(n), w) for n, w in attack.priors.items() if w != 0]
-    batch = observation.batch_size
     features = _feature_targets(work, observation, fixed, dtype, device) if attack.feature_weight > 0 else None
 
+    problem = _Problem(
+        work, observation.reduction, target, objective, weights, options, priors, features,
+        attack.feature_weight, observation.batch_size,
+    )
     started = time.perf_counter()
     trace: list[dict[str, Any]] = []
     statuses: list[str] = []
-    best: tuple[float, int, torch.Tensor, torch.Tensor, int] | None = None
+    best: _Candidate | None = None
     for restart in range(attack.restarts):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + restart)
-        x = work.initial_guess(batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
-        x.requires_grad_(True)
-        variables = [x]
-        if fixed is None:
-            logits = torch.randn((batch, work.num_classes), generator=gen, dtype=torch.float64)
-            logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
-            variables.append(logits)
-        else:
-            fixed_labels = fixed.to(device=device, dtype=dtype)
-
-        def labels_now() -> torch.Tensor:
-            return torch.softmax(logits, dim=-1) if fixed is None else fixed_labels
-
-        optimizer = OPTIMIZERS.get(attack.optimizer)(
-            variables, lr=attack.lr, inner_steps=attack.inner_steps, history=attack.history
-        )
-        schedule = SCHEDULES.get(attack.schedule)(optimizer, attack.steps)
-        first_eval: list[float] = []
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            if features is None:
-                grads = work.gradients(x, labels_now(), reduction=observation.reduction, create_graph=True)
-                loss = objective(grads, target, weights, options)
-            else:
-                grads, feats = work.gradients_and_features(x, labels_now(), reduction=observation.reduction, create_graph=True)
-                loss = objective(grads, target, weights, options)
-                loss = loss + attack.feature_weight * (feats - features[0]).pow(2).sum() / features[1]
-            for prior, w in priors:
-                loss = loss + w * prior(x)
-            # only the search variables need gradients, not the attacker's copy of the weights
-            loss.backward(inputs=variables)
-            first_eval.append(relative_distance(grads, target))
-            return loss
-
-        status = "budget"
-        restart_best: tuple[float, torch.Tensor, torch.Tensor, int] | None = None
-        last_improvement, reference = 0, math.inf
-        step = 0
-        for step in range(1, attack.steps + 1):
-            first_eval.clear()
-            before = (x.detach().clone(), labels_now().detach().clone())
-            optimizer.step(closure)
-            if schedule is not None:
-                schedule.step()
-            if attack.box:
-                with torch.no_grad():
-                    x.copy_(work.project(x))
-            # the first evaluation of a step is at the point the step started from
-            distance = first_eval[0] if first_eval else math.nan
-            elapsed = time.perf_counter() - started
-            trace.append({"restart": restart, "step": step, "distance": distance, "seconds": round(elapsed, 4)})
-            if not math.isfinite(distance) or not torch.isfinite(x).all():
-                status = "diverged"
-                break
-            if restart_best is None or distance < restart_best[0]:
-                restart_best = (distance, before[0], before[1], step - 1)
-            event = StepEvent(restart, attack.restarts, step, attack.steps, distance, elapsed, before[0])
-            for callback in callbacks:
-                callback(event)
-            if distance < attack.stop_distance:
-                status = "converged"
-                break
-            if distance < 0.99 * reference:
-                reference, last_improvement = distance, step
-            elif attack.patience and step - last_improvement >= attack.patience:
-                status = "stalled"
-                break
-        if status != "diverged":
-            final = _distance(work, x, labels_now(), target, observation.reduction)
-            if math.isfinite(final) and (restart_best is None or final < restart_best[0]):
-                restart_best = (final, x.detach().clone(), labels_now().detach().clone(), step)
+        status, candidate = _run_restart(problem, attack, fixed, restart, gen, started, trace, callbacks, device)
         statuses.append(status)
-        if restart_best is not None and (best is None or restart_best[0] < best[0]):
-            best = (restart_best[0], restart, restart_best[1], restart_best[2], restart_best[3])
+        if candidate is not None and (best is None or candidate.distance < best.distance):
+            best = candidate
         if status == "converged":
             break
 
     if best is None or all(status == "diverged" for status in statuses):
         raise AttackDiverged(f"all {len(statuses)} restart(s) diverged to NaN/inf; try a smaller attack.lr")
-    distance, restart, inputs, labels, steps = best
     return Recovery(
-        inputs=inputs.to("cpu", torch.float32),
-        labels=labels.to("cpu", torch.float32),
-        distance=distance,
-        restart=restart,
-        status=statuses[restart],
-        steps=steps,
+        inputs=best.inputs.to("cpu", torch.float32),
+        labels=best.labels.to("cpu", torch.float32),
+        distance=best.distance,
+        restart=best.restart,
+        status=statuses[best.restart],
+        steps=best.step,
         seconds=time.perf_counter() - started,
         restart_status=statuses,
         trace=trace,
     )
 
+
+@dataclass
+class _Candidate:
+    """A point of the search with its relative gradient distance."""
+
+    distance: float
+    restart: int
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    step: int
+
+
+@dataclass
+class _Problem:
+    """What every restart matches against: fixed for one call of `reconstruct`."""
+
+    task: Task
+    reduction: str
+    target: list[torch.Tensor]
+    objective: Objective
+    weights: list[float]
+    options: ObjectiveOptions
+    priors: list[tuple[Prior, float]]
+    features: tuple[torch.Tensor, float] | None
+    feature_weight: float
+    batch: int
+
+    def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Matching loss (objective + feature term + priors) and the candidate's gradients."""
+        if self.features is None:
+            grads = self.task.gradients(x, labels, reduction=self.reduction, create_graph=True)
+            loss = self.objective(grads, self.target, self.weights, self.options)
+        else:
+            grads, feats = self.task.gradients_and_features(x, labels, reduction=self.reduction, create_graph=True)
+            loss = self.objective(grads, self.target, self.weights, self.options)
+            loss = loss + self.feature_weight * (feats - self.features[0]).pow(2).sum() / self.features[1]
+        for prior, w in self.priors:
+            loss = loss + w * prior(x)
+        return loss, grads
+
+
+def _run_restart(
+    problem: _Problem,
+    attack: AttackConfig,
+    fixed: torch.Tensor | None,
+    restart: int,
+    gen: torch.Generator,
+    started: float,
+    trace: list[dict[str, Any]],
+    callbacks: Sequence[StepCallback],
+    device: str | torch.device,
+) -> tuple[str, _Candidate | None]:
+    """One independent start: returns its status and its best point by gradient distance."""
+    work, dtype = problem.task, problem.target[0].dtype
+
+    work, dtype = problem.task, problem.target[0].dtype
+    x = work.initial_guess(problem.batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
+    x.requires_grad_(True)
+    variables = [x]
+    if fixed is None:
+        logits = torch.randn((problem.batch, work.num_classes), generator=gen, dtype=torch.float64)
+        logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
+        variables.append(logits)
+    else:
+        fixed_labels = fixed.to(device=device, dtype=dtype)
+
+    def labels_now() -> torch.Tensor:
+        return torch.softmax(logits, dim=-1) if fixed is None else fixed_labels
+
+    optimizer = OPTIMIZERS.get(attack.optimizer)(variables, lr=attack.lr, inner_steps=attack.inner_steps, history=attack.history)
+    schedule = SCHEDULES.get(attack.schedule)(optimizer, attack.steps)
+    first_eval: list[float] = []
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss, grads = problem.loss(x, labels_now())
+        # only the search variables need gradients, not the attacker's copy of the weights
+        loss.backward(inputs=variables)
+        first_eval.append(relative_distance(grads, problem.target))
+        return loss
+
+    status, best = "budget", None
+    last_improvement, reference = 0, math.inf
+    step = 0
+    for step in range(1, attack.steps + 1):
+        first_eval.clear()
+        before = (x.detach().clone(), labels_now().detach().clone())
+        optimizer.step(closure)
+        if schedule is not None:
+            schedule.step()
+        if attack.box:
+            with torch.no_grad():
+                x.copy_(work.project(x))
+        # the first evaluation of a step is at the point the step started from
+        distance = first_eval[0] if first_eval else math.nan
+        elapsed = time.perf_counter() - started
+        trace.append({"restart": restart, "step": step, "distance": distance, "seconds": round(elapsed, 4)})
+        if not math.isfinite(distance) or not torch.isfinite(x).all():
+            return "diverged", best
+        if best is None or distance < best.distance:
+            best = _Candidate(distance, restart, before[0], before[1], step - 1)
+        event = StepEvent(restart, attack.restarts, step, attack.steps, distance, elapsed, before[0])
+        for callback in callbacks:
+            callback(event)
+        if distance < attack.stop_distance:
+            status = "converged"
+            break
+        if distance < 0.99 * reference:
+            reference, last_improvement = distance, step
+        elif attack.patience and step - last_improvement >= attack.patience:
+            status = "stalled"
+            break
+    final = _distance(work, x, labels_now(), problem.target, problem.reduction)
+    if math.isfinite(final) and (best is None or final < best.distance):
+        best = _Candidate(final, restart, x.detach().clone(), labels_now().detach().clone(), step)
+    return status, best
 
 def _feature_targets(
     task: Task, observation: Observation, fixed: torch.Tensor | None, dtype: torch.dtype, device: str | torch.device
