@@ -6,6 +6,7 @@ User mistakes end with one line on stderr and a non-zero exit status, never a tr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from datetime import datetime
@@ -46,14 +47,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 
 def _catalogue_recipes() -> list[tuple[str, str]]:
-    import tomllib
+    from leakkit.config import bundled_recipes, load_recipe
 
-    from leakkit.config import bundled_recipes
-
-    rows = []
-    for name, path in sorted(bundled_recipes().items()):
-        rows.append((name, str(tomllib.loads(path.read_text(encoding="utf-8")).get("description", ""))))
-    return rows
+    return [(name, load_recipe(name).description) for name in sorted(bundled_recipes())]
 
 
 def _registry(module: str, attr: str) -> Callable[[], list[tuple[str, str]]]:
@@ -126,11 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or _default_out(args.recipe)
     console = _console()
     progress = _progress(args, console)
-    if progress is not None:
-        with progress:
-            result = run_recipe(recipe, out=out, input_path=args.input, samples=args.samples, seed=args.seed, device=args.device, progress=progress)
-    else:
-        result = run_recipe(recipe, out=out, input_path=args.input, samples=args.samples, seed=args.seed, device=args.device)
+    with progress or contextlib.nullcontext():
+        result = run_recipe(recipe, out=out, input_path=args.input, samples=args.samples, seed=args.seed, device=args.device, progress=progress)
     if not args.quiet:
         _print_summary(console, recipe.name, result, out)
     s = result["summary"]
@@ -193,11 +186,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     out = args.out or _default_out(args.recipe, "-attack")
     console = _console()
     progress = _progress(args, console)
-    if progress is not None:
-        with progress:
-            result = attack_only(recipe, observation, out=out, seed=args.seed, device=args.device, progress=progress)
-    else:
-        result = attack_only(recipe, observation, out=out, seed=args.seed, device=args.device)
+    with progress or contextlib.nullcontext():
+        result = attack_only(recipe, observation, out=out, seed=args.seed, device=args.device, progress=progress)
     if not args.quiet:
         r = result["recovery"]
         console.print(f"recovered {observation.batch_size} input(s), labels {r['labels']}, gradient distance {r['gradient_distance']:.2e} ({r['status']}) -> {out}")
