@@ -166,7 +166,7 @@ def cmd_observe(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     task = build_task(recipe, seed=args.seed)
     pool = load_samples(recipe, input_path=args.input, samples=recipe.data.batch_size, seed=args.seed)
-    batch = make_batches(recipe, pool[: recipe.data.batch_size], seed=args.seed)[0]
+    batch = make_batches(recipe, pool, seed=args.seed)[0]
     inputs = task.from_pixels(batch.pixels.double()).float()
     observation = observe(task, inputs, batch.labels, reduction=recipe.data.reduction, model_name=recipe.task.model)
     observation.extra.update({"recipe": recipe.name, "model_seed": args.seed})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -47,13 +48,31 @@ def _git_commit() -> str | None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader (or a crash) never sees a half-written file."""
+    """Write JSON atomically: a reader (or a crash) never sees a half-written file.
+
+    JSON has no NaN or infinity: such values (an SSIM undefined for tiny images, a median time
+    to a threshold never reached) are written as null.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_finite(obj), f, indent=2, allow_nan=False, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, (float, np.floating)) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:

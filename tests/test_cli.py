@@ -142,3 +142,12 @@ def test_ctrl_c_keeps_finished_results(tmp_path):
 def test_python_dash_m_works():
     proc = subprocess.run([sys.executable, "-m", "leakkit", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("leakkit ")
+
+
+def test_tiny_images_with_undefined_ssim_still_write_results(tmp_path):
+    out = tmp_path / "tiny"
+    proc = run_cli("run", "idlg", "--out", str(out), "--quiet", "task.image_size=2", "task.num_classes=10",
+                   "attack.steps=2", "attack.restarts=1")
+    assert proc.returncode == 0, proc.stderr
+    sample = json.loads((out / "metrics.json").read_text())["samples"][0]
+    assert sample["ssim"] is None and sample["psnr"] is not None
