@@ -16,7 +16,13 @@ from leakkit.errors import ConfigError
 
 @dataclass
 class TaskSpec:
-    """`[task]`: name in TASKS and the options its builder takes."""
+    """`[task]`: name in TASKS and the options its builder takes.
+
+    Image tasks use num_classes, image_size, channels, mean, std. Text tasks use model (a directory,
+    a cached hub id or "minilm"), num_classes (classification), max_length (0 = the model's limit),
+    mask_probability (masked LM) and frozen: parameter-name fragments whose gradients the client
+    does not share (e.g. "word_embeddings").
+    """
 
     name: str = "image-classification"
     model: str = "lenet"
@@ -25,6 +31,9 @@ class TaskSpec:
     channels: int = 3
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    max_length: int = 0
+    mask_probability: float = 0.15
+    frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +78,10 @@ class Recipe:
             raise ConfigError("data.samples must be at least 1")
         if self.data.reduction not in ("mean", "sum"):
             raise ConfigError("data.reduction must be 'mean' or 'sum'")
+        if not 0 < self.task.mask_probability <= 1:
+            raise ConfigError("task.mask_probability must be in (0, 1]")
+        if self.task.max_length < 0:
+            raise ConfigError("task.max_length must be 0 (the model's limit) or positive")
         for key in ("num_classes", "image_size", "channels"):
             if getattr(self.task, key) < 1:
                 raise ConfigError(f"task.{key} must be at least 1")
@@ -145,6 +158,8 @@ def apply_override(recipe: Recipe, item: str) -> None:
     if not sep:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     parts = key.strip().split(".")
+    if parts == ["model"]:  # shorthand users reach for first: model=path/or/hub-id
+        parts = ["task", "model"]
     if parts[0] not in SECTIONS or len(parts) < 2:
         raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
     target = getattr(recipe, parts[0])

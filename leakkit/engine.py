@@ -41,6 +41,9 @@ class AttackConfig:
     feature_weight: weight of matching each example's output-layer input to the values solved from
     the output layer's gradient (`analytic.linear_layer_inputs`); 0 = off. Batches need fixed labels;
     for batch size 1 the solve is exact and label-free.
+    method (text tasks): "match" (this engine, then decoding) or "exact" (analytic leaks);
+    decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
+    word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off).
     restarts: independent starts, best kept by gradient distance; stop_distance: a restart ends
     once the relative gradient distance falls below it; patience: steps without a 1 % improvement
     before a restart is declared stalled (0 = never); precision: "float64" or "float32".
@@ -64,6 +67,10 @@ class AttackConfig:
     stop_distance: float = 1e-12
     patience: int = 50
     precision: str = "float64"
+    method: str = "match"
+    decoder: str = "cosine"
+    restrict_tokens: bool = False
+    discrete_steps: int = 0
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names or out-of-range numbers."""
@@ -85,6 +92,13 @@ class AttackConfig:
             raise ConfigError("attack.lr must be a positive number")
         if self.feature_weight < 0:
             raise ConfigError("attack.feature_weight must be 0 (off) or positive")
+        from leakkit.decoders import TOKEN_DECODERS
+
+        TOKEN_DECODERS.get(self.decoder)
+        if self.method not in ("match", "exact"):
+            raise ConfigError(f"attack.method must be 'match' or 'exact', got {self.method!r}")
+        if self.discrete_steps < 0:
+            raise ConfigError("attack.discrete_steps must be 0 (off) or positive")
         if self.patience < 0:
             raise ConfigError("attack.patience must be 0 (off) or positive")
 
@@ -158,8 +172,8 @@ def reconstruct(
     attack.validate()
     observation.check_against(task.model)
     dtype = DTYPES[attack.precision]
-    work = task.copy_to(dtype=dtype, device=device)
-    names = [n for n, _ in work.parameters()]
+    work = task.prepare(observation).copy_to(dtype=dtype, device=device)
+    names = [n for n, _ in work.matched_parameters() if n in observation.gradients]
     target = [observation.gradients[n].to(device=device, dtype=dtype) for n in names]
     fixed = LABELS.get(attack.labels)(observation, task)
     objective = OBJECTIVES.get(attack.objective)
@@ -229,14 +243,14 @@ class _Problem:
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Matching loss (objective + feature term + priors) and the candidate's gradients."""
         if self.features is None:
-            grads = self.task.gradients(x, labels, reduction=self.reduction, create_graph=True)
+            grads = self.task.gradients(x, labels, reduction=self.reduction, create_graph=True, matched=True)
             loss = self.objective(grads, self.target, self.weights, self.options)
         else:
-            grads, feats = self.task.gradients_and_features(x, labels, reduction=self.reduction, create_graph=True)
+            grads, feats = self.task.gradients_and_features(x, labels, reduction=self.reduction, create_graph=True, matched=True)
             loss = self.objective(grads, self.target, self.weights, self.options)
             loss = loss + self.feature_weight * (feats - self.features[0]).pow(2).sum() / self.features[1]
         for prior, w in self.priors:
-            loss = loss + w * prior(x)
+            loss = loss + w * prior(x, self.task)
         return loss, grads
 
 
@@ -253,13 +267,11 @@ def _run_restart(
 ) -> tuple[str, _Candidate | None]:
     """One independent start: returns its status and its best point by gradient distance."""
     work, dtype = problem.task, problem.target[0].dtype
-
-    work, dtype = problem.task, problem.target[0].dtype
     x = work.initial_guess(problem.batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
     x.requires_grad_(True)
     variables = [x]
     if fixed is None:
-        logits = torch.randn((problem.batch, work.num_classes), generator=gen, dtype=torch.float64)
+        logits = torch.randn((work.label_rows(problem.batch), work.num_classes), generator=gen, dtype=torch.float64)
         logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
         variables.append(logits)
     else:
@@ -349,5 +361,5 @@ def _feature_targets(
 
 
 def _distance(task: Task, x: torch.Tensor, labels: torch.Tensor, target: list[torch.Tensor], reduction: str) -> float:
-    grads = task.gradients(x.detach(), labels.detach(), reduction=reduction)
+    grads = task.gradients(x.detach(), labels.detach(), reduction=reduction, matched=True)
     return relative_distance(grads, target)

@@ -166,7 +166,7 @@ def summarize(rows: list[dict[str, Any]], recipe: Recipe, *, interrupted: bool =
     }
 
 
-def run_recipe(
+def run_image_recipe(
     recipe: Recipe,
     *,
     out: str | Path,
@@ -272,7 +272,7 @@ def _diverged_row(sample: Sample, label: int) -> dict[str, Any]:
     }
 
 
-def attack_only(
+def attack_image(
     recipe: Recipe,
     observation: Observation,
     *,
@@ -307,3 +307,37 @@ def attack_only(
     }
     run.write_metrics(result)
     return result
+
+
+@dataclass
+class Runner:
+    """How one kind of task runs end to end (`run`) and attacker-only (`attack`)."""
+
+    run: Callable[..., dict[str, Any]]
+    attack: Callable[..., dict[str, Any]]
+
+
+def _text(attr: str) -> Callable[..., dict[str, Any]]:
+    # text runs import transformers models; deferred so image runs never pay for it
+    def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        from leakkit import text_experiment
+
+        return getattr(text_experiment, attr)(*args, **kwargs)
+
+    return call
+
+
+RUNNERS: Registry[Runner] = Registry("task")
+RUNNERS.register("image-classification")(Runner(run_image_recipe, attack_image))
+for _name in ("masked-lm", "sequence-classification"):
+    RUNNERS.register(_name)(Runner(_text("run_text_recipe"), _text("attack_text")))
+
+
+def run_recipe(recipe: Recipe, **options: Any) -> dict[str, Any]:
+    """Simulate, attack and score any recipe (see `run_image_recipe` / `text_experiment.run_text_recipe`)."""
+    return RUNNERS.get(recipe.task.name).run(recipe, **options)
+
+
+def attack_only(recipe: Recipe, observation: Observation, **options: Any) -> dict[str, Any]:
+    """The attacker's side alone for any recipe: recover from a saved observation."""
+    return RUNNERS.get(recipe.task.name).attack(recipe, observation, **options)

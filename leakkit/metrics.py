@@ -76,3 +76,32 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rouge(reference: str, recovered: str) -> dict[str, float]:
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (Google's `rouge-score`, no stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    scores = scorer.score(reference, recovered)
+    return {k: float(v.fmeasure) for k, v in scores.items()}
+
+
+def token_accuracy(reference: list[int], recovered: list[int]) -> float:
+    """Fraction of the reference's positions holding the same token in the recovery."""
+    if not reference:
+        return 0.0
+    same = sum(1 for a, b in zip(reference, recovered) if a == b)
+    return same / max(len(reference), len(recovered))
+
+
+def best_match_text(references: list[str], recovered: list[str]) -> list[int]:
+    """perm[i] = index of the recovered sentence assigned to reference i, maximising total ROUGE-1."""
+    from scipy.optimize import linear_sum_assignment
+
+    score = np.array([[rouge(r, c)["rouge1"] for c in recovered] for r in references])
+    rows, cols = linear_sum_assignment(score, maximize=True)
+    perm = [0] * len(references)
+    for r, c in zip(rows, cols):
+        perm[r] = int(c)
+    return perm

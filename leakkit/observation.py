@@ -104,10 +104,13 @@ class Observation:
             raise InputError(f"malformed leakkit metadata in {path}: {e}") from None
 
     def check_against(self, model: nn.Module) -> None:
-        """Raise ObservationMismatch unless names and shapes equal the model's trainable parameters."""
+        """Raise ObservationMismatch unless names and shapes fit the model's trainable parameters.
+
+        A client may withhold some gradients (frozen layers); what it shares must fit exactly.
+        """
         expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         got = {n: tuple(t.shape) for n, t in self.gradients.items()}
-        missing = [n for n in expected if n not in got]
+        missing = [n for n in expected if n not in got] if not (set(got) & set(expected)) else []
         unexpected = [n for n in got if n not in expected]
         if missing or unexpected:
             parts = []
@@ -118,7 +121,7 @@ class Observation:
             raise ObservationMismatch(
                 f"gradient names do not match the model: {'; '.join(parts)}"
             )
-        wrong = [f"{n} {got[n]} != {s}" for n, s in expected.items() if got[n] != s]
+        wrong = [f"{n} {got[n]} != {s}" for n, s in expected.items() if n in got and got[n] != s]
         if wrong:
             raise ObservationMismatch(f"gradient shapes do not match the model: {_few(wrong)}")
         if self.batch_size < 1:

@@ -108,6 +108,14 @@ class RunDir:
             for row in rows:
                 f.write(json.dumps(row, default=_json_default) + "\n")
 
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a UTF-8 text file in the run directory atomically (readers never see half a file)."""
+        path = self.path / name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        return path
+
     def save_image(self, name: str, image: np.ndarray) -> Path:
         from PIL import Image
 

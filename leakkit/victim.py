@@ -13,7 +13,7 @@ def observe(task: Task, inputs: torch.Tensor, labels: torch.Tensor, *, reduction
 
     Args:
         task: the adapter holding the shared model (used in its own dtype and device).
-        inputs: Shape [B, *input_shape], in the task's input space.
+        inputs: Shape [B, *input_shape], in the task's input space (token ids [B, n] for text tasks).
         labels: Shape [B] class ids.
         reduction: how the loss combines the batch ("mean" or "sum").
         model_name: identity recorded in the metadata.
@@ -21,7 +21,9 @@ def observe(task: Task, inputs: torch.Tensor, labels: torch.Tensor, *, reduction
         The observation: named gradients plus batch size, reduction and model fingerprint.
     """
     p0 = next(task.model.parameters())
-    grads = task.gradients(inputs.to(p0), labels.to(p0.device), reduction=reduction)
+    # token ids stay integers: the victim looks them up, so the embedding table gets its real gradient
+    inputs = inputs.to(p0.device) if not inputs.is_floating_point() else inputs.to(p0)
+    grads = task.gradients(inputs, labels.to(p0.device), reduction=reduction)
     names = [n for n, _ in task.parameters()]
     return Observation(
         gradients={n: g.detach().to("cpu") for n, g in zip(names, grads)},

@@ -22,4 +22,18 @@ def _image_classification(**options: Any) -> Task:
     return ImageClassification.from_name(**options)
 
 
+@TASKS.register("masked-lm", description="BERT-style masked LM; attack searches word-embedding space")
+def _masked_lm(**options: Any) -> Task:
+    from leakkit.tasks.text import build_text_task
+
+    return build_text_task("masked-lm", **options)
+
+
+@TASKS.register("sequence-classification", description="BERT-style sentence classifier (TAG/LAMP setting)")
+def _sequence_classification(**options: Any) -> Task:
+    from leakkit.tasks.text import build_text_task
+
+    return build_text_task("sequence-classification", **options)
+
+
 __all__ = ["Task", "ImageClassification", "TASKS", "MODELS", "build_model", "torchvision_available"]

@@ -56,6 +56,19 @@ class Task(ABC):
         """The trainable parameters whose gradients are shared, in model order."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
+    def matched_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters whose gradients the engine matches (default: all shared ones)."""
+        return self.parameters()
+
+    def label_rows(self, batch_size: int) -> int:
+        """Rows of the label tensor for a batch (one per example; one per position for token tasks)."""
+        return batch_size
+
+    def prepare(self, observation: object) -> "Task":
+        """The task as the attacker uses it for this observation (text tasks read the batch layout
+        off the gradient here). Must not use anything but the observation."""
+        return self
+
     def gradients(
         self,
         inputs: torch.Tensor,
@@ -63,14 +76,15 @@ class Task(ABC):
         *,
         reduction: str = "mean",
         create_graph: bool = False,
+        matched: bool = False,
     ) -> list[torch.Tensor]:
-        """Gradient of `loss` with respect to every trainable parameter, in model order."""
-        params = [p for _, p in self.parameters()]
+        """Gradient of `loss` with respect to every shared parameter (or only the matched ones), in model order."""
+        params = [p for _, p in (self.matched_parameters() if matched else self.parameters())]
         loss = self.loss(inputs, labels, reduction=reduction)
         return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
     def gradients_and_features(
-        self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean", create_graph: bool = False
+        self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean", create_graph: bool = False, matched: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`gradients`, plus the input of the output layer ([B, D]) from the same forward pass.
 
@@ -82,7 +96,7 @@ class Task(ABC):
         captured: list[torch.Tensor] = []
         handle = layer.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         try:
-            grads = self.gradients(inputs, labels, reduction=reduction, create_graph=create_graph)
+            grads = self.gradients(inputs, labels, reduction=reduction, create_graph=create_graph, matched=matched)
         finally:
             handle.remove()
         return grads, captured[-1].flatten(1)

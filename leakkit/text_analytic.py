@@ -1,0 +1,315 @@
+"""Exact text leaks: what a BERT-style model's gradient gives away without any optimisation.
+
+All functions read only the observation and the attacker's copy of the model.
+
+- Token set: word-embedding rows with a gradient are the tokens of the batch. With a tied
+  masked-LM decoder every row gets a gradient, but the decoder's part is low-rank (rank = number
+  of masked positions) and spans the decoder's inputs; rows with a component outside that
+  span are exactly the input tokens.
+- Layer inputs: the gradient of a linear layer is a sum of (output gradient x input) outer
+  products, so its row space is spanned by the inputs the layer saw. A candidate vector lies in
+  that span iff it was (generically) one of the inputs: the span check of DAGER.
+- Order: the position-embedding row j receives the same gradient as the word row of the token
+  at position j, so (batch 1) the word rows are an exact 0/1 combination of the position rows.
+- Labels: the output bias gradient is the sum over labelled rows of (probabilities - one-hot);
+  with the probabilities recomputed from the recovered input, the label counts follow exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from leakkit.errors import InputError
+from leakkit.observation import Observation
+
+# Relative residual below which a vector counts as inside a gradient's input span. Float32
+# gradients put true members near 1e-6; non-members sit near 1.
+SPAN_TOL = 1e-3
+
+
+class _Stop(Exception):
+    """Raised from a forward hook once the wanted activation has been captured."""
+
+
+# --- spans ---------------------------------------------------------------------------------
+def row_span(matrix: torch.Tensor, *, rel_tol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis [d, r] of the row space of `matrix` [m, d] (singular values above rel_tol * max)."""
+    m = matrix.double()
+    if m.abs().max() == 0:
+        return torch.zeros(m.shape[1], 0, dtype=torch.float64)
+    _, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = int((s > rel_tol * s[0]).sum())
+    return vh[:r].T.contiguous()
+
+
+def span_residual(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Relative distance of each vector [..., d] from span(basis [d, r]); shape [...]."""
+    v = vectors.double()
+    b = basis.to(v)
+    rest = v - (v @ b) @ b.T
+    return rest.norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-300)
+
+
+def input_span(observation: Observation, weight_names: Sequence[str], *, rel_tol: float = 1e-6) -> torch.Tensor:
+    """Span of the inputs of the linear layers `weight_names` (all fed the same tensor)."""
+    stacked = torch.cat([observation.gradients[n].double() for n in weight_names], dim=0)
+    return row_span(stacked, rel_tol=rel_tol)
+
+
+# --- where the model's linear layers take their inputs --------------------------------------
+@dataclass
+class LinearCall:
+    name: str
+    input_id: int
+
+
+def linear_groups(model: nn.Module, example_ids: torch.Tensor) -> list[list[str]]:
+    """Names of nn.Linear modules that read the same tensor, in call order (e.g. Q, K, V of each
+    attention layer). Found with temporary forward pre-hooks on one forward pass."""
+    calls: list[LinearCall] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: calls.append(LinearCall(name, id(a[0])))))
+    try:
+        with torch.no_grad():
+            model(input_ids=example_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for call in calls:
+        if groups and call.input_id == groups[-1][0][1]:
+            groups[-1].append((call.name, call.input_id))
+        else:
+            groups.append([(call.name, call.input_id)])
+    return [[n for n, _ in g] for g in groups if len(g) >= 2]
+
+
+def capture_input(model: nn.Module, module_name: str, **forward: Any) -> torch.Tensor:
+    """The tensor `module_name` receives in a forward pass (stopped right there)."""
+    box: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        box.append(args[0])
+        raise _Stop
+
+    handle = model.get_submodule(module_name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(**forward)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"{module_name} was not reached in the forward pass")
+    return box[0]
+
+
+# --- token set ------------------------------------------------------------------------------
+@dataclass
+class TokenLeak:
+    """Tokens read off the word-embedding gradient.
+
+    tokens: sorted token ids present in the batch.
+    input_rows: [len(tokens), d] their rows' input part, projected off the decoder span.
+    decoder_span: [d, M] basis of the tied decoder's inputs (M = masked positions), or [d, 0].
+    """
+
+    tokens: list[int]
+    input_rows: torch.Tensor
+    decoder_span: torch.Tensor
+
+
+def token_leak(word_grad: torch.Tensor, *, tied: bool, max_tokens: int = 4096) -> TokenLeak:
+    """Separate the input tokens from a word-embedding gradient [V, d].
+
+    Untied (or classification): the non-zero rows. Tied masked LM: every row of the decoder part
+    lies in an M-dimensional span; rows are normalised (so the ~V decoder rows outweigh the few
+    token rows), the span is fitted, rows off it are set aside, and the span is refitted from the
+    rest until the split no longer changes.
+    """
+    g = word_grad.double()
+    norms = g.norm(dim=1)
+    nz = torch.nonzero(norms > 0).flatten()
+    d = g.shape[1]
+    if not tied:
+        return TokenLeak(nz.tolist(), g[nz], torch.zeros(d, 0, dtype=torch.float64))
+    unit = g[nz] / norms[nz, None]
+    outliers = torch.zeros(len(nz), dtype=torch.bool)
+    basis = torch.zeros(d, 0, dtype=torch.float64)
+    for _ in range(6):
+        inliers = unit[~outliers]
+        _, s, vh = torch.linalg.svd(inliers, full_matrices=False)
+        # the decoder part's rank: where the spectrum of the inlier rows collapses
+        energy = s.pow(2)
+        r = int((energy > 1e-8 * energy[0]).sum()) if outliers.any() else _knee(energy, limit=max_tokens)
+        basis = vh[:r].T
+        resid = span_residual(unit, basis)
+        tol = SPAN_TOL if outliers.any() else 0.05
+        new = resid > tol
+        if torch.equal(new, outliers):
+            break
+        outliers = new
+    rows = nz[outliers]
+    proj = g[rows] - (g[rows] @ basis) @ basis.T
+    return TokenLeak(rows.tolist(), proj, basis)
+
+
+def _knee(energy: torch.Tensor, *, limit: int) -> int:
+    """Rank of a spectrum dominated by many rows in a low-dimensional span plus a few stray rows:
+    the smallest r leaving no more than `limit` rows' worth of energy outside it."""
+    total = energy.cumsum(0)
+    rest = energy.sum() - total
+    for r in range(1, len(energy)):
+        if rest[r - 1] < min(limit, 0.01 * energy.sum()):
+            return r
+    return len(energy)
+
+
+# --- order (batch 1) -------------------------------------------------------------------------
+def order_from_positions(token_rows: torch.Tensor, position_rows: torch.Tensor, decoder_span: torch.Tensor) -> torch.Tensor:
+    """Which token sits at which position, for one sentence.
+
+    Args:
+        token_rows: [T, d] input part of the word-embedding gradient rows of the T tokens.
+        position_rows: [n, d] position-embedding gradient rows of the n positions.
+        decoder_span: [d, M] directions to remove from both (the tied decoder's inputs).
+    Returns:
+        [T, n] assignment, 1.0 where token t is at position j (float; exact rows are 0/1).
+    Raises:
+        InputError: more positions than the embedding width (the solve is underdetermined).
+    """
+    P = position_rows.double()
+    if decoder_span.shape[1]:
+        P = P - (P @ decoder_span) @ decoder_span.T
+    if P.shape[0] > P.shape[1] - decoder_span.shape[1]:
+        raise InputError("sentence longer than the embedding width: order is not identifiable from the position gradient")
+    # token_rows = S @ P; P has independent rows, so S = token_rows @ pinv(P)
+    return token_rows.double() @ torch.linalg.pinv(P)
+
+
+def nonzero_positions(position_grad: torch.Tensor) -> list[int]:
+    """Indices of position-embedding rows that received a gradient."""
+    return torch.nonzero(position_grad.double().norm(dim=1) > 0).flatten().tolist()
+
+
+# --- layout ---------------------------------------------------------------------------------
+def infer_layout(task: Any, observation: Observation) -> Any:
+    """Sequence length (and, for batches, per-example lengths when they can be read) from the gradient.
+
+    Uses the position-embedding gradient when it is shared, otherwise the first attention layer's
+    input span over the whole vocabulary.
+    """
+    from leakkit.tasks.text import TextLayout
+
+    B = observation.batch_size
+    pos_name = task.position_embedding_name()
+    if pos_name and pos_name in observation.gradients:
+        rows = nonzero_positions(observation.gradients[pos_name])
+        if not rows:
+            raise InputError("the position-embedding gradient is all zero: nothing to attack")
+        n = rows[-1] - rows[0] + 1
+    else:
+        n = len(position_candidates(task, observation, tokens=None))
+    return TextLayout(lengths=[n] * B)
+
+
+def position_candidates(task: Any, observation: Observation, *, tokens: Sequence[int] | None, n_max: int | None = None, chunk: int = 2048) -> list[list[int]]:
+    """For each position j, the tokens t whose first-layer input x(t, j) lies in the span the first
+    attention layer's gradient reveals. Positions are scanned until one has no candidate.
+
+    Args:
+        tokens: token ids to test (None: the whole vocabulary, for withheld word-embedding gradients).
+        n_max: positions to scan (default: the model's limit).
+    """
+    model = task.model
+    groups = attention_groups(task)
+    basis = input_span(observation, _weights(groups[0]))
+    vocab = torch.tensor(tokens if tokens is not None else range(task.embedding_matrix().shape[0]), dtype=torch.long)
+    n_max = n_max or task.max_length
+    out: list[list[int]] = []
+    step = 16
+    j = 0
+    dev = next(model.parameters()).device
+    while j < n_max:
+        width = min(step, n_max - j) + j
+        hits: list[list[int]] = [[] for _ in range(width - j)]
+        for start in range(0, len(vocab), chunk):
+            ids = vocab[start : start + chunk]
+            grid = ids[:, None].expand(-1, width).to(dev)
+            x = capture_input(model, groups[0][0], input_ids=grid, attention_mask=torch.ones_like(grid))
+            res = span_residual(x[:, j:width], basis.to(dev))  # [chunk, width - j]
+            for k in range(width - j):
+                hits[k] += ids[(res[:, k] < SPAN_TOL).cpu()].tolist()
+        for h in hits:
+            if not h:
+                return out
+            out.append(sorted(h))
+        j = width
+    return out
+
+
+def attention_groups(task: Any) -> list[list[str]]:
+    """Cached `linear_groups` of the task's model."""
+    cached = getattr(task, "_linear_groups", None)
+    if cached is None:
+        dev = next(task.model.parameters()).device
+        ids = torch.tensor([[int(task.tokenizer.cls_token_id or 0), int(task.tokenizer.sep_token_id or 1)]], device=dev)
+        cached = linear_groups(task.model, ids)
+        if not cached:
+            raise InputError("could not find attention layers (linear layers sharing one input) in the model")
+        task._linear_groups = cached
+    return cached
+
+
+def _weights(group: list[str]) -> list[str]:
+    return [f"{n}.weight" for n in group]
+
+
+def group_available(observation: Observation, group: list[str]) -> bool:
+    return all(w in observation.gradients for w in _weights(group))
+
+
+def layer_residual(task: Any, observation: Observation, layer: int, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """Per-example mean span residual of attention layer `layer`'s inputs, for candidate sentences.
+
+    Args:
+        input_ids: [S, n] candidate sentences (padded).
+        lengths: [S] their lengths.
+    Returns:
+        [S] mean relative residual over each sentence's real positions (0 for the true sentences).
+    """
+    groups = attention_groups(task)
+    key = ("span", layer)
+    cache = task.__dict__.setdefault("_span_cache", {})
+    if key not in cache or cache[key][0] is not observation:
+        cache[key] = (observation, input_span(observation, _weights(groups[layer])))
+    basis = cache[key][1]
+    n = input_ids.shape[1]
+    mask = torch.stack([torch.arange(n) < L for L in lengths]).long().to(input_ids.device)
+    x = capture_input(task.model, groups[layer][0], input_ids=input_ids, attention_mask=mask)
+    res = span_residual(x, basis.to(x.device)).cpu()
+    m = mask.cpu().double()
+    return (res * m).sum(1) / m.sum(1)
+
+
+# --- labels ---------------------------------------------------------------------------------
+def label_counts(probs: torch.Tensor, bias_grad: torch.Tensor, rows: int, *, reduction: str) -> torch.Tensor:
+    """How often each class is a label, from the output bias gradient and recomputed probabilities.
+
+    Args:
+        probs: [R, C] the model's probabilities at the R labelled rows (recomputed by the attacker).
+        bias_grad: [C] gradient of the output bias.
+        rows: R, the number of labelled rows the loss averaged over.
+    Returns:
+        [C] counts (rounded; they sum to R when the inputs are right).
+    """
+    scale = rows if reduction == "mean" else 1
+    counts = probs.double().sum(0) - scale * bias_grad.double()
+    return counts.round().clamp_min(0).long()

