@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,9 @@ from leakkit.observation import Observation
 # Relative residual below which a vector counts as inside a gradient's input span. Float32
 # gradients put true members near 1e-6; non-members sit near 1.
 SPAN_TOL = 1e-3
+# Stricter cut for splitting word-embedding rows: a token that is also a label has a row dominated
+# by its decoder part, and only its small input part (well above float32 noise, ~1e-6) sets it apart.
+FIT_TOL = 2e-5
 
 
 class _Stop(Exception):
@@ -41,9 +45,10 @@ def row_span(matrix: torch.Tensor, *, rel_tol: float = 1e-6) -> torch.Tensor:
     m = matrix.double()
     if m.abs().max() == 0:
         return torch.zeros(m.shape[1], 0, dtype=torch.float64)
-    _, s, vh = torch.linalg.svd(m, full_matrices=False)
+    # numpy's LAPACK: torch's CPU SVD/eigh are an order of magnitude slower on these shapes
+    _, s, vh = np.linalg.svd(m.cpu().numpy(), full_matrices=False)
     r = int((s > rel_tol * s[0]).sum())
-    return vh[:r].T.contiguous()
+    return torch.from_numpy(np.ascontiguousarray(vh[:r].T)).to(m.device)
 
 
 def span_residual(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -126,13 +131,14 @@ class TokenLeak:
     decoder_span: torch.Tensor
 
 
-def token_leak(word_grad: torch.Tensor, *, tied: bool, max_tokens: int = 4096) -> TokenLeak:
+def token_leak(word_grad: torch.Tensor, *, tied: bool, max_rank: int = 256) -> TokenLeak:
     """Separate the input tokens from a word-embedding gradient [V, d].
 
     Untied (or classification): the non-zero rows. Tied masked LM: every row of the decoder part
-    lies in an M-dimensional span; rows are normalised (so the ~V decoder rows outweigh the few
-    token rows), the span is fitted, rows off it are set aside, and the span is refitted from the
-    rest until the split no longer changes.
+    lies in an M-dimensional span (M = masked positions). Rows are normalised, and for r = 1, 2, ...
+    a rank-r span is fitted to the rows that fit it, until all but a few rows (the tokens) fit it
+    to float precision. Rows left off the span are exactly the input tokens, including a token
+    that is also a label (its row mixes both parts).
     """
     g = word_grad.double()
     norms = g.norm(dim=1)
@@ -141,35 +147,24 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, max_tokens: int = 4096) -
     if not tied:
         return TokenLeak(nz.tolist(), g[nz], torch.zeros(d, 0, dtype=torch.float64))
     unit = g[nz] / norms[nz, None]
+    gram = unit.T @ unit
     outliers = torch.zeros(len(nz), dtype=torch.bool)
     basis = torch.zeros(d, 0, dtype=torch.float64)
-    for _ in range(6):
-        inliers = unit[~outliers]
-        _, s, vh = torch.linalg.svd(inliers, full_matrices=False)
-        # the decoder part's rank: where the spectrum of the inlier rows collapses
-        energy = s.pow(2)
-        r = int((energy > 1e-8 * energy[0]).sum()) if outliers.any() else _knee(energy, limit=max_tokens)
-        basis = vh[:r].T
-        resid = span_residual(unit, basis)
-        tol = SPAN_TOL if outliers.any() else 0.05
-        new = resid > tol
-        if torch.equal(new, outliers):
+    for r in range(1, min(d, max_rank) + 1):
+        outliers = torch.zeros(len(nz), dtype=torch.bool)
+        # loose to tight: the rows furthest off go first, so token rows stop bending the fit
+        for tol in (0.1, 0.02, 4e-3, 8e-4, 1.6e-4, FIT_TOL, FIT_TOL):
+            off = unit[outliers]
+            # top-r right singular vectors of the inliers, from their Gram matrix
+            _, vecs = np.linalg.eigh((gram - off.T @ off).cpu().numpy())
+            basis = torch.from_numpy(np.ascontiguousarray(vecs[:, ::-1][:, :r])).to(unit)
+            resid = (1 - (unit @ basis).pow(2).sum(1)).clamp_min(0).sqrt()
+            outliers = resid > tol
+        if int(outliers.sum()) <= len(nz) // 2:
             break
-        outliers = new
     rows = nz[outliers]
     proj = g[rows] - (g[rows] @ basis) @ basis.T
     return TokenLeak(rows.tolist(), proj, basis)
-
-
-def _knee(energy: torch.Tensor, *, limit: int) -> int:
-    """Rank of a spectrum dominated by many rows in a low-dimensional span plus a few stray rows:
-    the smallest r leaving no more than `limit` rows' worth of energy outside it."""
-    total = energy.cumsum(0)
-    rest = energy.sum() - total
-    for r in range(1, len(energy)):
-        if rest[r - 1] < min(limit, 0.01 * energy.sum()):
-            return r
-    return len(energy)
 
 
 # --- order (batch 1) -------------------------------------------------------------------------

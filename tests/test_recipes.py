@@ -10,11 +10,16 @@ from leakkit.experiment import Interrupted, run_recipe
 
 @pytest.mark.parametrize("name", sorted(bundled_recipes()))
 def test_recipe_smoke_run(name, tmp_path):
-    recipe = load_recipe(name, ["attack.steps=2", "attack.restarts=1", "attack.inner_steps=2"])
+    recipe = load_recipe(name, ["attack.steps=2", "attack.restarts=1", "attack.inner_steps=2", "attack.discrete_steps=3"])
     result = run_recipe(recipe, out=tmp_path, samples=1, seed=0)
     s = result["summary"]
-    assert s["n"] == 1 and s["success_threshold_psnr"] == recipe.metrics.success_psnr
-    assert result["samples"][0]["psnr"] is not None
+    if recipe.task.name == "image-classification":
+        assert s["n"] == 1 and s["success_threshold_psnr"] == recipe.metrics.success_psnr
+        assert result["samples"][0]["psnr"] is not None
+    else:
+        assert s["n"] == 1 and 0 <= s["rouge1_mean"] <= 1
+        assert result["samples"][0]["recovered"]
+        assert (tmp_path / "diff.txt").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["recipe"] == name
 
 

@@ -1,0 +1,125 @@
+"""Text benchmark: sentences from BERT gradients on CoLA, SST-2 and Rotten Tomatoes.
+
+Every row runs a bundled recipe through `leakkit.text_experiment.run_text_recipe` (the same code
+path as `leakkit run`) on the first N sentences of a data set in ../shared/data/text and reports
+mean ROUGE-1/2, exact-sentence rate with a 95 % Wilson interval, and seconds per batch.
+
+    python bench/text.py                          # the full table (about 30 minutes on 2 cores)
+    python bench/text.py --rows mlm-cola --n 5    # one row, quickly
+
+Rows (name: recipe and overrides):
+  mlm-cola         bert-exact, MiniLM masked LM, batch 1
+  mlm-cola-b4      bert-exact, batch 4
+  cls-{cola,sst2,rt}  bert-exact on the classification task, batch 1
+  frozen-cola      bert-exact with the word-embedding gradient withheld (task.frozen=word_embeddings)
+  match-frozen     dlg-bert (continuous matching only), word-embedding gradient withheld
+  tag / lamp       tag-bert-cls and lamp-bert-cls on CoLA (slow: a few sentences)
+  bert-base        bert-exact on a randomly initialised bert-base-shaped masked LM (seconds, peak memory)
+
+Prints a table and writes bench/results/text.json (override with --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from leakkit.config import load_recipe
+from leakkit.runs import provenance, write_json
+from leakkit.text_experiment import run_text_recipe
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text"
+FILES = {"cola": "cola_dev.tsv", "sst2": "sst2_dev.tsv", "rt": "mr_dev.tsv"}
+
+ROWS: dict[str, tuple[str, str, list[str], int]] = {
+    # name: (recipe, data set, overrides, default sentence count)
+    "mlm-cola": ("bert-exact", "cola", [], 50),
+    "mlm-cola-b4": ("bert-exact", "cola", ["data.batch_size=4"], 20),
+    "cls-cola": ("bert-exact", "cola", ["task.name=sequence-classification"], 50),
+    "cls-sst2": ("bert-exact", "sst2", ["task.name=sequence-classification"], 50),
+    "cls-rt": ("bert-exact", "rt", ["task.name=sequence-classification"], 50),
+    "frozen-cola": ("bert-exact", "cola", ["task.frozen=word_embeddings"], 20),
+    "match-frozen": ("dlg-bert", "cola", ["task.frozen=word_embeddings"], 3),
+    "tag": ("tag-bert-cls", "cola", [], 3),
+    "lamp": ("lamp-bert-cls", "cola", [], 3),
+}
+
+
+def bert_base_dir() -> str:
+    """A bert-base-shaped masked LM (12 layers, width 768) with MiniLM's vocabulary, random weights."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from leakkit.tasks.text import resolve_model_path
+
+    out = Path(tempfile.mkdtemp(prefix="leakkit-bert-base-"))
+    AutoTokenizer.from_pretrained(resolve_model_path("minilm")).save_pretrained(out)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig()).save_pretrained(out)
+    return str(out)
+
+
+def run_row(name: str, n: int | None, seed: int) -> dict[str, Any]:
+    if name == "bert-base":
+        recipe, data, overrides, default = "bert-exact", "cola", [f"task.model={bert_base_dir()}"], 10
+    else:
+        recipe, data, overrides, default = ROWS[name]
+    r = load_recipe(recipe, overrides)
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        started = time.perf_counter()
+        result = run_text_recipe(r, out=out, input_path=str(DATA / FILES[data]), samples=n or default, seed=seed)
+        wall = time.perf_counter() - started
+    s = result["summary"]
+    return {
+        "row": name, "recipe": recipe, "data": data, "overrides": overrides, "batch_size": r.data.batch_size,
+        "n": s["n"], "rouge1": s["rouge1_mean"], "rouge2": s["rouge2_mean"], "exact_rate": s["exact_rate"],
+        "exact_ci95": s["exact_ci95"], "label_accuracy": s["label_accuracy"], "seconds_per_batch": s["seconds_median"],
+        "seconds_per_sentence": (s["seconds_median"] or 0) / r.data.batch_size, "wall_seconds": round(wall, 1),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "failures": [(x["reference"], x["recovered"]) for x in result["samples"] if not x["exact"]][:5],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(list(ROWS) + ["bert-base"]), help="comma-separated row names")
+    p.add_argument("--n", type=int, help="sentences per row (default: each row's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench/results/text.json")
+    args = p.parse_args(argv)
+    names = [x for x in args.rows.split(",") if x]
+    unknown = [x for x in names if x not in ROWS and x != "bert-base"]
+    if unknown:
+        print(f"bench: error: unknown row(s) {', '.join(unknown)}; valid: {', '.join(list(ROWS) + ['bert-base'])}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+    from rich.table import Table
+
+    results = []
+    for name in names:
+        results.append(run_row(name, args.n, args.seed))
+        write_json(Path(args.out), {"rows": results, "provenance": provenance(seed=args.seed, device="cpu")})
+    table = Table(title="leakkit text benchmark (2-core CPU)", title_justify="left")
+    for col in ("row", "data", "B", "n", "ROUGE-1", "ROUGE-2", "exact", "95 % CI", "labels", "s/sentence", "peak RSS GiB"):
+        table.add_column(col, justify="right")
+    for r in results:
+        lo, hi = r["exact_ci95"]
+        table.add_row(
+            r["row"], r["data"], str(r["batch_size"]), str(r["n"]), f"{r['rouge1']:.3f}", f"{r['rouge2']:.3f}",
+            f"{r['exact_rate']:.0%}", f"{lo:.0%}–{hi:.0%}", f"{r['label_accuracy']:.0%}", f"{r['seconds_per_sentence']:.1f}", f"{r['peak_rss_gib']:.2f}",
+        )
+    Console().print(table)
+    print(json.dumps({"written": args.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""Text attacks on tiny BERT models with a SentencePiece tokenizer trained here on real sentences."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+from leakkit import metrics
+from leakkit import text_analytic as ta
+from leakkit.decoders import TOKEN_DECODERS
+from leakkit.engine import AttackConfig
+from leakkit.tasks.text import MaskedLanguageModeling, SequenceClassification, build_text_task
+from leakkit.text_attack import recover_text
+from leakkit.victim import observe
+
+COLA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" / "cola_dev.tsv"
+
+
+def cola(n: int, start: int = 0) -> list[str]:
+    return [line.split("\t")[0] for line in COLA.read_text(encoding="utf-8").splitlines()[start : start + n]]
+
+
+def _tokenizer_dir(root: Path) -> None:
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(cola(516)), model_writer=buf, vocab_size=300, model_type="unigram",
+        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        character_coverage=1.0, minloglevel=2,
+    )
+    (root / "spiece.model").write_bytes(buf.getvalue())
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "AlbertTokenizer", "do_lower_case": True, "cls_token": "[CLS]", "sep_token": "[SEP]",
+        "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>",
+    }))
+
+
+def _model_dir(root: Path, head: str, *, vocab: int = 300, model_type: str = "bert") -> Path:
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+    root.mkdir(parents=True, exist_ok=True)
+    _tokenizer_dir(root)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=64, pad_token_id=0, num_labels=2,
+                     initializer_range=0.3)
+    torch.manual_seed(0)
+    net = BertForMaskedLM(cfg) if head == "masked-lm" else BertForSequenceClassification(cfg)
+    net.save_pretrained(root)
+    if model_type != "bert":
+        cfg_path = root / "config.json"
+        raw = json.loads(cfg_path.read_text())
+        raw["model_type"] = model_type
+        cfg_path.write_text(json.dumps(raw))
+    return root
+
+
+@pytest.fixture(scope="session")
+def mlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _model_dir(tmp_path_factory.mktemp("tiny-mlm"), "masked-lm")
+
+
+@pytest.fixture(scope="session")
+def cls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _model_dir(tmp_path_factory.mktemp("tiny-cls"), "sequence-classification")
+
+
+def _task(kind: str, path: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return build_text_task(kind, model=str(path))
+
+
+def _observe_mlm(task: MaskedLanguageModeling, sentences: list[str], seed: int = 0):
+    batch = task.make_batch(sentences, generator=torch.Generator().manual_seed(seed))
+    return batch, observe(task.with_layout(batch.layout), batch.input_ids, batch.labels)
+
+
+# --- adapters -----------------------------------------------------------------------------------
+def test_sentencepiece_tokenizer_round_trips(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    ids, lengths = task.tokenize(["the cat sat on the mat"])
+    assert type(task.tokenizer).__name__ == "AlbertTokenizer"
+    assert ids[0, 0] == task.tokenizer.cls_token_id and ids[0, lengths[0] - 1] == task.tokenizer.sep_token_id
+    assert task.decode(ids[0].tolist()) == "the cat sat on the mat"
+
+
+def test_masking_follows_bert(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    ids, lengths = task.tokenize(cola(40))
+    inputs, labels = task.mask(ids, lengths, generator=torch.Generator().manual_seed(3))
+    special = task.special_ids()
+    chosen = labels >= 0
+    assert all(chosen[b].any() for b in range(len(lengths)))  # every sentence has a label
+    assert not any(int(ids[b, j]) in special for b, j in torch.nonzero(chosen).tolist())
+    assert torch.equal(labels[chosen], ids[chosen])
+    ordinary = sum(sum(1 for j in range(L) if int(ids[b, j]) not in special) for b, L in enumerate(lengths))
+    assert 0.08 < int(chosen.sum()) / ordinary < 0.3
+    changed = inputs[chosen] != ids[chosen]
+    assert (inputs[chosen][changed] == task.tokenizer.mask_token_id).float().mean() > 0.6
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_attacker_loss_on_embeddings_equals_victim_loss(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    batch = task.make_batch(cola(2), generator=torch.Generator().manual_seed(0))
+    view = task.with_layout(batch.layout)
+    victim = view.loss(batch.input_ids, batch.labels)
+    V = task.vocab_size
+    onehot = torch.zeros(batch.labels.numel(), V + 1)
+    flat = batch.labels.flatten()
+    onehot[torch.arange(flat.numel()), torch.where(flat < 0, V, flat)] = 1
+    attacker = view.loss(view.embed(batch.input_ids), onehot)
+    reference = view.model(input_ids=batch.input_ids, attention_mask=batch.layout.attention_mask(), labels=batch.labels).loss
+    assert torch.allclose(victim, reference, atol=1e-6) and torch.allclose(attacker, reference, atol=1e-6)
+
+
+# --- analytic leaks -----------------------------------------------------------------------------
+def test_token_set_separated_from_tied_decoder(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    assert task.model.get_output_embeddings().weight is task.model.get_input_embeddings().weight
+    batch, obs = _observe_mlm(task, cola(1, 5))
+    grad = obs.gradients[task.word_embedding_name()]
+    assert int((grad.norm(dim=1) > 0).sum()) > 200  # the decoder touches every row
+    leak = ta.token_leak(grad, tied=True)
+    assert leak.tokens == sorted(set(batch.input_ids[0].tolist()))
+    assert leak.decoder_span.shape[1] == int((batch.labels >= 0).sum())
+
+
+def test_order_from_position_gradient_is_exact(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    for k in range(3):
+        batch, obs = _observe_mlm(task, cola(1, 10 + k), seed=k)
+        leak = ta.token_leak(obs.gradients[task.word_embedding_name()], tied=True)
+        pos = obs.gradients[task.position_embedding_name()]
+        S = ta.order_from_positions(leak.input_rows, pos[ta.nonzero_positions(pos)], leak.decoder_span)
+        assert torch.allclose(S, S.round(), atol=1e-3)
+        assert [leak.tokens[int(t)] for t in S.argmax(0)] == batch.input_ids[0].tolist()
+
+
+def test_span_check_finds_each_positions_token(cls_dir: Path) -> None:
+    task = _task("sequence-classification", cls_dir)
+    sentence = cola(1, 3)
+    b = task.make_batch(sentence, [1])
+    obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
+    cands = ta.position_candidates(task, obs, tokens=None, n_max=task.max_length)
+    assert [c for c in cands] == [[int(t)] for t in b.input_ids[0]]
+
+
+def test_label_counts_from_bias_gradient() -> None:
+    probs = torch.softmax(torch.randn(5, 7, dtype=torch.float64), -1)
+    y = torch.tensor([1, 1, 4, 6, 0])
+    bias = (probs - torch.nn.functional.one_hot(y, 7)).sum(0) / 5
+    assert ta.label_counts(probs, bias, 5, reduction="mean").tolist() == torch.bincount(y, minlength=7).tolist()
+
+
+# --- recovery -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_masked_lm_recovers_sentence_and_labels(mlm_dir: Path, seed: int) -> None:
+    task = _task("masked-lm", mlm_dir)
+    batch, obs = _observe_mlm(task, cola(1, 20 + seed), seed=seed)
+    rec = recover_text(task, obs, AttackConfig(method="exact"))
+    assert rec.status == "exact" and rec.distance < 1e-5
+    assert torch.equal(rec.input_ids, batch.input_ids)
+    assert torch.equal(rec.labels, batch.labels)
+    assert rec.token_ids == [batch.originals[0].tolist()]
+
+
+def test_exact_classification_batch_is_split_into_sentences(cls_dir: Path) -> None:
+    task = _task("sequence-classification", cls_dir)
+    # the batch must hold fewer tokens than the width (64) for the span checks to separate it
+    sentences = [s for s in cola(100) if len(s.split()) <= 5][:3]
+    b = task.make_batch(sentences, [0, 1, 1])
+    assert sum(b.layout.lengths) < 64
+    obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
+    rec = recover_text(task, obs, AttackConfig(method="exact"))
+    got = sorted(zip([task.decode(t) for t in rec.token_ids], rec.labels.tolist()))
+    want = sorted(zip([task.decode(b.originals[i, :L].tolist()) for i, L in enumerate(b.layout.lengths)], [0, 1, 1]))
+    assert got == want
+
+
+def test_exact_with_withheld_word_embeddings(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    batch, obs = _observe_mlm(task, cola(1, 40))
+    for name in (task.word_embedding_name(), task.position_embedding_name()):
+        del obs.gradients[name]
+    rec = recover_text(task, obs, AttackConfig(method="exact"))
+    assert any("withheld" in n for n in rec.notes)
+    assert rec.token_ids == [batch.originals[0].tolist()]
+
+
+def test_matching_method_runs_and_decodes(cls_dir: Path) -> None:
+    task = _task("sequence-classification", cls_dir)
+    b = task.make_batch(cola(1, 50), [1])
+    obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
+    attack = AttackConfig(method="match", objective="cosine", optimizer="adam", lr=0.05, steps=15, labels="idlg",
+                          init="gaussian", restarts=1, patience=0, restrict_tokens=True, discrete_steps=10, priors={"embedding-norm": 0.1})
+    rec = recover_text(task, obs, attack)
+    assert rec.input_ids.shape == b.input_ids.shape
+    assert rec.labels.tolist() == [1]
+    leaked = set(b.input_ids[0].tolist())
+    assert set(rec.input_ids[0].tolist()) <= leaked  # decoding restricted to the leaked token set
+    assert len(rec.trace) == 15
+
+
+def test_token_decoders_invert_exact_embeddings(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    table = task.embedding_matrix().detach().double()
+    ids = torch.tensor([[7, 50, 120, 299]])
+    allowed = torch.tensor(sorted(set(range(table.shape[0])) - task.special_ids()))
+    for name in TOKEN_DECODERS.names():
+        assert TOKEN_DECODERS.get(name)(table[ids], table, allowed).tolist() == ids.tolist(), name
+    restricted = torch.tensor([7, 50])
+    out = TOKEN_DECODERS.get("cosine")(table[ids], table, restricted)
+    assert set(out.flatten().tolist()) <= {7, 50}
+
+
+def test_text_metrics() -> None:
+    assert metrics.rouge("the cat sat", "the cat sat")["rouge1"] == 1.0
+    r = metrics.rouge("the cat sat on the mat", "the dog sat")
+    assert 0 < r["rouge1"] < 1 and r["rouge2"] == 0.0
+    assert metrics.token_accuracy([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert metrics.best_match_text(["a b c", "x y z"], ["x y z", "a b d"]) == [1, 0]
+
+
+# --- command line -------------------------------------------------------------------------------
+def test_cli_bert_exact_end_to_end(mlm_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_cli("run", "bert-exact", f"model={mlm_dir}", "--input", str(COLA), "--samples", "3", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    s = m["summary"]
+    assert s["n"] == 3 and s["rouge1_mean"] == 1.0 and s["exact_rate"] == 1.0 and s["label_accuracy"] == 1.0
+    for key in ("n", "rouge1_mean", "rouge2_mean", "exact_rate", "seconds_median"):
+        assert key in s
+    for key in ("reference", "recovered", "rouge1", "rouge2", "rougeL", "token_accuracy", "exact", "seconds"):
+        assert key in m["samples"][0]
+    assert "reference:" in (out / "diff.txt").read_text()
+    assert len((out / "recovered.txt").read_text().splitlines()) == 3
+
+
+def test_cli_observe_then_attack_captured_update(mlm_dir: Path, tmp_path: Path) -> None:
+    sentence = tmp_path / "s.txt"
+    sentence.write_text("the book was on the table\n")
+    grads = tmp_path / "client.safetensors"
+    proc = run_cli("observe", "bert-exact", f"model={mlm_dir}", "--input", str(sentence), "--out", str(grads), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("attack", "--task", "masked-lm", "--model", str(mlm_dir), "--gradients", str(grads), "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr
+    assert "the book was on the table" in proc.stdout
+    assert (tmp_path / "a" / "recovered.txt").read_text().strip() == "the book was on the table"
+
+
+def test_cli_bad_text_input(mlm_dir: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "e.txt"
+    empty.write_text("one sentence\n\nanother\n")
+    assert_one_line_error(run_cli("run", "bert-exact", f"model={mlm_dir}", "--input", str(empty)), "empty line")
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(["word"] * 80) + "\n")
+    assert_one_line_error(run_cli("run", "bert-exact", f"model={mlm_dir}", "--input", str(long)), "at most")
+    assert_one_line_error(run_cli("run", "bert-exact", f"model={tmp_path / 'nowhere'}"), "not found")
+    assert_one_line_error(run_cli("run", "bert-exact", "model=no-such-org/no-such-model"), "local cache")
+
+
+def test_cli_rejects_non_bert_and_mismatched_tokenizer(tmp_path: Path) -> None:
+    gpt = _model_dir(tmp_path / "gpt", "masked-lm", model_type="gpt2")
+    assert_one_line_error(run_cli("run", "bert-exact", f"model={gpt}"), "not a BERT-style encoder")
+    small = _model_dir(tmp_path / "small", "masked-lm", vocab=100)
+    assert_one_line_error(run_cli("run", "bert-exact", f"model={small}"), "do not belong together")
+
+
+def test_embedded_minilm_default_recovers_a_sentence(tmp_path: Path) -> None:
+    proc = run_cli("run", "bert-exact", "--out", str(tmp_path / "r"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads((tmp_path / "r" / "metrics.json").read_text())["summary"]
+    assert s["exact_rate"] == 1.0 and s["rouge1_mean"] == 1.0
+
+
+def test_classification_adapter_label_count(cls_dir: Path) -> None:
+    task = _task("sequence-classification", cls_dir)
+    assert isinstance(task, SequenceClassification) and task.num_classes == 2
+    w, b = task.classifier_parameter_names()
+    assert w.endswith("classifier.weight") and b and b.endswith("classifier.bias")
