@@ -23,6 +23,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/vision.py
+	$(BIN)/python bench/text.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
