@@ -170,6 +170,7 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
     dev = next(task.model.parameters()).device
     pad = _pad_id(task)
     found: dict[tuple[int, ...], float] = {}
+    closest: dict[tuple[int, ...], float] = {}  # every hypothesis the search ended on, with its residual
 
     def score(rows: list[list[int]]) -> torch.Tensor:
         ids, lengths = _pad(rows, pad)
@@ -203,6 +204,8 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
                     break
             residual = float(score([cur])[0])
             key = tuple(cur)
+            if key not in closest or residual < closest[key]:
+                closest[key] = residual
             if residual < ta.SPAN_TOL and key not in found:
                 found[key], misses = residual, 0
             else:
@@ -211,9 +214,12 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
                 break
     sentences = sorted(found, key=lambda k: found[k])
     if len(sentences) < batch:
-        notes.append(f"found {len(sentences)} distinct sentence(s) for a batch of {batch}; repeating the closest")
+        # keep what fits, then the closest misses: an approximate answer beats none
+        notes.append(f"found {len(sentences)} sentence(s) fitting the span for a batch of {batch}; filled with the closest hypotheses")
+        rest = sorted((k for k in closest if k not in found), key=lambda k: closest[k])
+        sentences += rest[: batch - len(sentences)]
         if not sentences:
-            raise InputError("no sentence fits the second layer's input span")
+            raise InputError("no sentence hypothesis could be formed from the candidates")
         sentences += [sentences[i % len(sentences)] for i in range(batch - len(sentences))]
     elif len(sentences) > batch:
         notes.append(f"{len(sentences)} sentences fit the span for a batch of {batch}; kept the {batch} closest")
