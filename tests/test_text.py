@@ -23,7 +23,14 @@ COLA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" /
 
 
 def cola(n: int, start: int = 0) -> list[str]:
-    return [line.split("\t")[0] for line in COLA.read_text(encoding="utf-8").splitlines()[start : start + n]]
+    """Real CoLA sentences from ../shared (the shipped embedded sentences where that is absent)."""
+    if COLA.is_file():
+        pool = [line.split("\t")[0] for line in COLA.read_text(encoding="utf-8").splitlines()]
+    else:
+        from leakkit.textdata import embedded
+
+        pool = [s.text for s in embedded()]
+    return [pool[i % len(pool)] for i in range(start, start + n)]
 
 
 def _tokenizer_dir(root: Path) -> None:
@@ -33,7 +40,7 @@ def _tokenizer_dir(root: Path) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(cola(516)), model_writer=buf, vocab_size=300, model_type="unigram",
         pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
-        character_coverage=1.0, minloglevel=2,
+        character_coverage=1.0, minloglevel=2, hard_vocab_limit=False,
     )
     (root / "spiece.model").write_bytes(buf.getvalue())
     (root / "tokenizer_config.json").write_text(json.dumps({
@@ -42,11 +49,13 @@ def _tokenizer_dir(root: Path) -> None:
     }))
 
 
-def _model_dir(root: Path, head: str, *, vocab: int = 300, model_type: str = "bert") -> Path:
-    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+def _model_dir(root: Path, head: str, *, shrink_vocab: bool = False, model_type: str = "bert") -> Path:
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
     root.mkdir(parents=True, exist_ok=True)
     _tokenizer_dir(root)
+    vocab = len(AutoTokenizer.from_pretrained(root))
+    vocab = vocab // 2 if shrink_vocab else vocab
     cfg = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
                      max_position_embeddings=64, pad_token_id=0, num_labels=2,
                      initializer_range=0.3)
@@ -128,7 +137,7 @@ def test_token_set_separated_from_tied_decoder(mlm_dir: Path) -> None:
     assert task.model.get_output_embeddings().weight is task.model.get_input_embeddings().weight
     batch, obs = _observe_mlm(task, cola(1, 5))
     grad = obs.gradients[task.word_embedding_name()]
-    assert int((grad.norm(dim=1) > 0).sum()) > 200  # the decoder touches every row
+    assert int((grad.norm(dim=1) > 0).sum()) > 0.9 * grad.shape[0]  # the decoder touches every row
     leak = ta.token_leak(grad, tied=True)
     assert leak.tokens == sorted(set(batch.input_ids[0].tolist()))
     assert leak.decoder_span.shape[1] == int((batch.labels >= 0).sum())
@@ -176,13 +185,13 @@ def test_exact_masked_lm_recovers_sentence_and_labels(mlm_dir: Path, seed: int) 
 def test_exact_classification_batch_is_split_into_sentences(cls_dir: Path) -> None:
     task = _task("sequence-classification", cls_dir)
     # the batch must hold fewer tokens than the width (64) for the span checks to separate it
-    sentences = [s for s in cola(100) if len(s.split()) <= 5][:3]
-    b = task.make_batch(sentences, [0, 1, 1])
+    sentences = sorted(dict.fromkeys(cola(100)), key=len)[:2]
+    b = task.make_batch(sentences, [0, 1])
     assert sum(b.layout.lengths) < 64
     obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
     rec = recover_text(task, obs, AttackConfig(method="exact"))
     got = sorted(zip([task.decode(t) for t in rec.token_ids], rec.labels.tolist()))
-    want = sorted(zip([task.decode(b.originals[i, :L].tolist()) for i, L in enumerate(b.layout.lengths)], [0, 1, 1]))
+    want = sorted(zip([task.decode(b.originals[i, :L].tolist()) for i, L in enumerate(b.layout.lengths)], [0, 1]))
     assert got == want
 
 
@@ -213,7 +222,7 @@ def test_matching_method_runs_and_decodes(cls_dir: Path) -> None:
 def test_token_decoders_invert_exact_embeddings(mlm_dir: Path) -> None:
     task = _task("masked-lm", mlm_dir)
     table = task.embedding_matrix().detach().double()
-    ids = torch.tensor([[7, 50, 120, 299]])
+    ids = torch.tensor([[7, 50, 120, table.shape[0] - 1]])
     allowed = torch.tensor(sorted(set(range(table.shape[0])) - task.special_ids()))
     for name in TOKEN_DECODERS.names():
         assert TOKEN_DECODERS.get(name)(table[ids], table, allowed).tolist() == ids.tolist(), name
@@ -233,7 +242,9 @@ def test_text_metrics() -> None:
 # --- command line -------------------------------------------------------------------------------
 def test_cli_bert_exact_end_to_end(mlm_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run_cli("run", "bert-exact", f"model={mlm_dir}", "--input", str(COLA), "--samples", "3", "--out", str(out), "--quiet")
+    data = tmp_path / "sentences.tsv"
+    data.write_text("".join(f"{s}\t1\n" for s in cola(3)))
+    proc = run_cli("run", "bert-exact", f"model={mlm_dir}", "--input", str(data), "--samples", "3", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "metrics.json").read_text())
     s = m["summary"]
@@ -272,7 +283,7 @@ def test_cli_bad_text_input(mlm_dir: Path, tmp_path: Path) -> None:
 def test_cli_rejects_non_bert_and_mismatched_tokenizer(tmp_path: Path) -> None:
     gpt = _model_dir(tmp_path / "gpt", "masked-lm", model_type="gpt2")
     assert_one_line_error(run_cli("run", "bert-exact", f"model={gpt}"), "not a BERT-style encoder")
-    small = _model_dir(tmp_path / "small", "masked-lm", vocab=100)
+    small = _model_dir(tmp_path / "small", "masked-lm", shrink_vocab=True)
     assert_one_line_error(run_cli("run", "bert-exact", f"model={small}"), "do not belong together")
 
 
