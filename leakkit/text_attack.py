@@ -115,8 +115,7 @@ def exact(task: TextTask, observation: Observation, attack: AttackConfig, *, see
     masked_lm = isinstance(work, MaskedLanguageModeling)
     grads = observation.gradients
     wname, pname = work.word_embedding_name(), work.position_embedding_name()
-    tied = masked_lm and work.model.get_output_embeddings().weight is work.model.get_input_embeddings().weight
-    leak = ta.token_leak(grads[wname], tied=tied) if wname in grads else None
+    leak = ta.token_leak(grads[wname], tied=masked_lm and work.tied_decoder()) if wname in grads else None
     if leak is None:
         notes.append("word-embedding gradient withheld: candidate tokens are the whole vocabulary")
 
@@ -159,9 +158,7 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
-    tok = task.tokenizer
-    sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-    cls = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    cls, sep = task.boundary_ids()
     groups = ta.attention_groups(task)
     if len(groups) < 2 or not ta.group_available(observation, groups[1]):
         raise ConfigError("splitting a batch into sentences needs the second attention layer's gradient")
@@ -355,8 +352,7 @@ def match(task: TextTask, observation: Observation, attack: AttackConfig, *, see
     wname = work.word_embedding_name()
     if attack.restrict_tokens:
         if wname in observation.gradients:
-            tied = masked_lm and work.model.get_output_embeddings().weight is work.model.get_input_embeddings().weight
-            allowed = ta.token_leak(observation.gradients[wname], tied=tied).tokens
+            allowed = ta.token_leak(observation.gradients[wname], tied=masked_lm and work.tied_decoder()).tokens
         else:
             notes.append("attack.restrict_tokens ignored: the word-embedding gradient is withheld")
     special = work.special_ids()
@@ -365,9 +361,7 @@ def match(task: TextTask, observation: Observation, attack: AttackConfig, *, see
         keep.append(int(work.tokenizer.mask_token_id))  # the client's inputs hold [MASK]; other specials are fixed
     table = work.embedding_matrix().detach()
     ids = TOKEN_DECODERS.get(attack.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
-    tok = work.tokenizer
-    cls = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-    sep = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    cls, sep = work.boundary_ids()
     for b, L in enumerate(lengths):
         if cls is not None:
             ids[b, 0] = cls

@@ -168,6 +168,18 @@ class TextTask(Task):
     def special_ids(self) -> set[int]:
         return set(int(i) for i in self.tokenizer.all_special_ids)
 
+    def boundary_ids(self) -> tuple[int | None, int | None]:
+        """(start, end) token ids every sentence carries: BERT's [CLS]/[SEP], else BOS/EOS."""
+        tok = self.tokenizer
+        start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        return start, end
+
+    def tied_decoder(self) -> bool:
+        """Whether the output layer shares the input word-embedding table (BERT's masked LM does)."""
+        out = self.model.get_output_embeddings()
+        return out is not None and out.weight is self.model.get_input_embeddings().weight
+
     def tokenize(self, sentences: list[str]) -> tuple[torch.Tensor, list[int]]:
         """Token ids [B, n] (padded with the pad id) and each sentence's length.
 
