@@ -171,6 +171,10 @@ def reconstruct(
     """
     attack.validate()
     observation.check_against(task.model)
+    observation = observation.upcast()
+    fedavg = observation.extra.get("fedavg")
+    if fedavg and attack.feature_weight > 0:
+        raise ConfigError("attack.feature_weight needs a single-gradient (FedSGD) update, not a FedAvg weight difference")
     dtype = DTYPES[attack.precision]
     work = task.prepare(observation).copy_to(dtype=dtype, device=device)
     names = [n for n, _ in work.matched_parameters() if n in observation.gradients]
@@ -184,7 +188,7 @@ def reconstruct(
 
     problem = _Problem(
         work, observation.reduction, target, objective, weights, options, priors, features,
-        attack.feature_weight, observation.batch_size,
+        attack.feature_weight, observation.batch_size, fedavg,
     )
     started = time.perf_counter()
     trace: list[dict[str, Any]] = []
@@ -239,11 +243,22 @@ class _Problem:
     features: tuple[torch.Tensor, float] | None
     feature_weight: float
     batch: int
+    fedavg: dict[str, Any] | None = None
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool) -> list[torch.Tensor]:
+        """What the client would have shared for (x, labels): its gradient, or with FedAvg the
+        weight difference after the same local steps."""
+        if self.fedavg:
+            return self.task.local_update(
+                x, labels, steps=int(self.fedavg["local_steps"]), lr=float(self.fedavg["local_lr"]),
+                local_batch=int(self.fedavg.get("local_batch", 0)), reduction=self.reduction, create_graph=create_graph, matched=True,
+            )
+        return self.task.gradients(x, labels, reduction=self.reduction, create_graph=create_graph, matched=True)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Matching loss (objective + feature term + priors) and the candidate's gradients."""
+        """Matching loss (objective + feature term + priors) and the candidate's update."""
         if self.features is None:
-            grads = self.task.gradients(x, labels, reduction=self.reduction, create_graph=True, matched=True)
+            grads = self.update(x, labels, create_graph=True)
             loss = self.objective(grads, self.target, self.weights, self.options)
         else:
             grads, feats = self.task.gradients_and_features(x, labels, reduction=self.reduction, create_graph=True, matched=True)
@@ -323,7 +338,7 @@ def _run_restart(
         elif attack.patience and step - last_improvement >= attack.patience:
             status = "stalled"
             break
-    final = _distance(work, x, labels_now(), problem.target, problem.reduction)
+    final = relative_distance(problem.update(x.detach(), labels_now().detach(), create_graph=False), problem.target)
     if math.isfinite(final) and (best is None or final < best.distance):
         best = _Candidate(final, restart, x.detach().clone(), labels_now().detach().clone(), step)
     return status, best
@@ -358,8 +373,3 @@ def _feature_targets(
         return None
     H = H.to(device=device, dtype=dtype)
     return H, float(H.pow(2).sum())
-
-
-def _distance(task: Task, x: torch.Tensor, labels: torch.Tensor, target: list[torch.Tensor], reduction: str) -> float:
-    grads = task.gradients(x.detach(), labels.detach(), reduction=reduction, matched=True)
-    return relative_distance(grads, target)

@@ -103,6 +103,13 @@ class Observation:
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"malformed leakkit metadata in {path}: {e}") from None
 
+    def upcast(self) -> "Observation":
+        """This observation with half-precision tensors (an fp16/bf16 defense) widened to float32."""
+        if all(t.dtype not in (torch.float16, torch.bfloat16) for t in self.gradients.values()):
+            return self
+        grads = {n: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for n, t in self.gradients.items()}
+        return Observation(grads, self.batch_size, self.reduction, self.model, self.fingerprint, dict(self.extra))
+
     def check_against(self, model: nn.Module) -> None:
         """Raise ObservationMismatch unless names and shapes fit the model's trainable parameters.
 

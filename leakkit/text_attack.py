@@ -63,6 +63,9 @@ def recover_text(
 ) -> TextRecovery:
     """Recover the sentences behind `observation` with the method `attack.method`."""
     observation.check_against(task.model)
+    if observation.extra.get("fedavg") and attack.method == "exact":
+        raise ConfigError("the exact text attack reads a single gradient (FedSGD); a FedAvg update needs attack.method=match")
+    observation = observation.upcast()
     return TEXT_METHODS.get(attack.method)(task, observation, attack, seed=seed, device=device, callbacks=callbacks)
 
 

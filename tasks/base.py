@@ -83,6 +83,42 @@ class Task(ABC):
         loss = self.loss(inputs, labels, reduction=reduction)
         return list(torch.autograd.grad(loss, params, create_graph=create_graph))
 
+    def local_update(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        steps: int,
+        lr: float,
+        local_batch: int = 0,
+        reduction: str = "mean",
+        create_graph: bool = False,
+        matched: bool = False,
+    ) -> list[torch.Tensor]:
+        """The weight difference θ0 - θK after K plain SGD steps (FedAvg's shared update).
+
+        Step k uses examples [k*b, (k+1)*b) of the batch, cycling (b = local_batch, 0 = all).
+        The steps run on parameter values passed to the model for the call only
+        (`torch.func.functional_call`), so the model itself is never changed; with
+        create_graph the whole unrolled trajectory is differentiable in the inputs.
+
+        Returns:
+            One tensor per shared (or matched) parameter, in model order.
+        """
+        names = [n for n, _ in self.parameters()]
+        current = {n: p for n, p in self.parameters()}
+        B = inputs.shape[0]
+        b = local_batch if 0 < local_batch < B else B
+        caller = _LossCall(self)
+        for k in range(steps):
+            idx = [(k * b + i) % B for i in range(b)]
+            loss = torch.func.functional_call(caller, {f"model.{n}": t for n, t in current.items()}, (inputs[idx], labels[idx], reduction))
+            grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=create_graph)
+            current = {n: current[n] - lr * g for n, g in zip(names, grads)}
+        keep = {n for n, _ in (self.matched_parameters() if matched else self.parameters())}
+        params = dict(self.parameters())
+        return [params[n] - current[n] for n in names if n in keep]
+
     def gradients_and_features(
         self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean", create_graph: bool = False, matched: bool = False
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -115,6 +151,18 @@ class Task(ABC):
         if labels.dtype in (torch.int64, torch.int32):
             return nn.functional.one_hot(labels.long(), self.num_classes).to(like)
         return labels.to(like)
+
+
+class _LossCall(nn.Module):
+    """Holds a task's model as a submodule so `functional_call` can substitute its parameters."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.model = task.model
+        self._task = [task]  # a list, so the task is not registered as a submodule
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        return self._task[0].loss(inputs, labels, reduction=reduction)
 
 
 def soft_cross_entropy(logits: torch.Tensor, probs: torch.Tensor, reduction: str) -> torch.Tensor:
