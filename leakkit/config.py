@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -48,10 +49,23 @@ class DataSpec:
 
 
 @dataclass
+class ClientSpec:
+    """`[client]`: the victim's local training. local_steps=1 shares one gradient (FedSGD); more
+    steps share the weight difference after that many SGD steps at local_lr (FedAvg), each on
+    local_batch examples of the client's data in turn (0 = all of them)."""
+
+    local_steps: int = 1
+    local_lr: float = 0.1
+    local_batch: int = 0
+
+
+@dataclass
 class MetricsSpec:
-    """`[metrics]`: success_psnr is the PSNR (dB) at which an image counts as recovered."""
+    """`[metrics]`: success_psnr is the PSNR (dB) at which an image counts as recovered;
+    success_rouge1 the ROUGE-1 at which a sentence does."""
 
     success_psnr: float = 40.0
+    success_rouge1: float = 0.9
 
 
 @dataclass
@@ -65,6 +79,8 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     attack: AttackConfig = field(default_factory=AttackConfig)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
+    client: ClientSpec = field(default_factory=ClientSpec)
+    defense: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,10 +107,17 @@ class Recipe:
                 raise ConfigError(f"task.{key} needs one value per channel ({self.task.channels})")
         if any(s <= 0 for s in self.task.std):
             raise ConfigError("task.std values must be positive")
+        if self.client.local_steps < 1 or self.client.local_batch < 0:
+            raise ConfigError("client.local_steps must be at least 1 and client.local_batch 0 (all) or positive")
+        if not (self.client.local_lr > 0 and math.isfinite(self.client.local_lr)):
+            raise ConfigError("client.local_lr must be a positive number")
+        from leakkit.defenses import format_chain, parse_chain
+
+        self.defense = format_chain(parse_chain(self.defense))
 
 
-SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "metrics": MetricsSpec}
-TOP_LEVEL = {"description", "citation"}
+SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "metrics": MetricsSpec, "client": ClientSpec}
+TOP_LEVEL = {"description", "citation", "defense"}
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -136,6 +159,14 @@ def _from_dict(name: str, raw: dict[str, Any], *, where: str) -> Recipe:
         valid = ", ".join(sorted(set(SECTIONS) | TOP_LEVEL))
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {valid}")
     recipe = Recipe(name=name, description=str(raw.get("description", "")), citation=str(raw.get("citation", "")))
+    defense = raw.get("defense", "none")
+    if isinstance(defense, dict):  # [defense] name = "prune", ratio = 0.3
+        table = dict(defense)
+        head = str(table.pop("name", "none"))
+        defense = head + (":" + ",".join(f"{k}={v}" for k, v in table.items()) if table else "")
+    if not isinstance(defense, str):
+        raise ConfigError(f"{where}: defense must be a string like 'noise:std=1e-3' or a [defense] table")
+    recipe.defense = defense
     for section, table in raw.items():
         if section in TOP_LEVEL:
             continue
@@ -160,6 +191,9 @@ def apply_override(recipe: Recipe, item: str) -> None:
     parts = key.strip().split(".")
     if parts == ["model"]:  # shorthand users reach for first: model=path/or/hub-id
         parts = ["task", "model"]
+    if parts[0] == "defense":
+        _override_defense(recipe, parts[1:], value.strip())
+        return
     if parts[0] not in SECTIONS or len(parts) < 2:
         raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
     target = getattr(recipe, parts[0])
@@ -169,6 +203,26 @@ def apply_override(recipe: Recipe, item: str) -> None:
     if len(parts) != 2:
         raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
     _set(target, parts[0], parts[1], value.strip(), from_text=True)
+
+
+def _override_defense(recipe: Recipe, keys: list[str], value: str) -> None:
+    """`defense=prune` (or a whole chain) replaces the defense; `defense.ratio=0.3` sets a
+    parameter of its last step."""
+    from leakkit.defenses import parse_chain
+
+    if not keys:
+        recipe.defense = value
+        return
+    steps = parse_chain(recipe.defense)
+    name, params = steps[-1]
+    if len(keys) != 1:
+        raise ConfigError(f"unknown key 'defense.{'.'.join(keys)}'; set a parameter as defense.NAME=value")
+    params = dict(params)
+    params[keys[0]] = value  # type: ignore[assignment]  # checked by parse_chain below
+    head = "+".join(s for s in recipe.defense.split("+")[:-1])
+    last = f"{name}:" + ",".join(f"{k}={v}" for k, v in params.items())
+    parse_chain(last)
+    recipe.defense = f"{head}+{last}" if head else last
 
 
 def _set(target: Any, section: str, key: str, value: Any, *, from_text: bool) -> None:

@@ -26,7 +26,7 @@ from leakkit.observation import Observation
 from leakkit.registry import Registry
 from leakkit.runs import RunDir, provenance
 from leakkit.tasks import TASKS, Task
-from leakkit.victim import observe
+from leakkit.victim import defend, observe, per_example_gradients
 
 
 class Interrupted(LeakkitError):
@@ -111,6 +111,32 @@ def make_batches(recipe: Recipe, samples: Sequence[Sample], *, seed: int) -> lis
     return out
 
 
+def client_update(task: Task, recipe: Recipe, batch: Batch, *, seed: int, batch_index: int = 0) -> Observation:
+    """What the server receives from the client holding `batch`: its FedSGD gradient or FedAvg
+    weight difference (`[client]`), after the recipe's defense chain.
+
+    Defenses that aggregate over clients (`clients:n`) average with clients whose images are a
+    different seeded draw from the recipe's data source.
+    """
+    c = recipe.client
+    inputs = task.from_pixels(batch.pixels.double()).float()
+
+    def update(x: torch.Tensor, y: torch.Tensor) -> Observation:
+        return observe(task, x, y, reduction=recipe.data.reduction, model_name=recipe.task.model,
+                       local_steps=c.local_steps, local_lr=c.local_lr, local_batch=c.local_batch)
+
+    def other_clients(k: int) -> list[Observation]:
+        bs = len(batch.samples)
+        others = draw(recipe.data.source, recipe.data.path, bs * k, seed=seed + 1 + 1000 * batch_index)
+        groups = make_batches(recipe, others, seed=seed + 1 + batch_index)
+        return [update(task.from_pixels(g.pixels.double()).float(), g.labels) for g in groups[:k]]
+
+    return defend(
+        update(inputs, batch.labels), recipe.defense, seed=seed * 7919 + batch_index,
+        per_example=lambda: per_example_gradients(task, inputs, batch.labels), other_clients=other_clients,
+    )
+
+
 def load_samples(recipe: Recipe, *, input_path: str | None, samples: int | None, seed: int) -> list[Sample]:
     """Private images: from --input (file or folder) or from the recipe's data source.
 
@@ -177,6 +203,7 @@ def run_image_recipe(
     progress: Any = None,
     callbacks: Sequence[StepCallback] = (),
     on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    only_batches: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Simulate, attack and score; write the run directory; return the metrics dict.
 
@@ -190,6 +217,7 @@ def run_image_recipe(
         progress: an object with `start(label, total)` that is also a step callback, or None.
         callbacks: extra engine step callbacks.
         on_batch: called with (batch index, scored rows) after each batch.
+        only_batches: attack only these client batches of the drawn data (an audit's cells).
     Raises:
         Interrupted: on Ctrl-C, after saving everything finished so far.
     """
@@ -227,10 +255,11 @@ def run_image_recipe(
 
     try:
         for b, batch in enumerate(batches):
+            if only_batches is not None and b not in only_batches:
+                continue
             if progress is not None:
                 progress.start(f"batch {b + 1}/{len(batches)}", recipe.attack.steps)
-            inputs = task.from_pixels(batch.pixels.double()).float()
-            observation = observe(task, inputs, batch.labels, reduction=recipe.data.reduction, model_name=recipe.task.model)
+            observation = client_update(task, recipe, batch, seed=seed, batch_index=b)
             try:
                 recovery = reconstruct(task, observation, recipe.attack, seed=seed + b, device=device, callbacks=step_callbacks)
             except AttackDiverged:
@@ -243,10 +272,10 @@ def run_image_recipe(
                 recovered_all.append(recovery.inputs)
                 truth_imgs, rec_imgs = to_uint8_images(batch.pixels), to_uint8_images(recovered_pixels)
                 pictures += [(truth_imgs[i], rec_imgs[r["matched_slot"]]) for i, r in enumerate(scored)]
-            for r in scored:
+            for k, r in enumerate(scored):
                 r.update(
                     {
-                        "index": len(rows),
+                        "index": b * recipe.data.batch_size + k,
                         "batch": b,
                         "seconds": recovery.seconds if recovery else None,
                         "gradient_distance": recovery.distance if recovery else None,

@@ -24,10 +24,10 @@ from leakkit.errors import AttackDiverged, InputError
 from leakkit.experiment import Interrupted, check_device
 from leakkit.observation import Observation
 from leakkit.runs import RunDir, provenance
-from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextTask, build_text_task
+from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
 from leakkit.text_attack import TextRecovery, recover_text
 from leakkit.textdata import TextSample, draw_text, read_input
-from leakkit.victim import observe
+from leakkit.victim import defend, observe, per_example_gradients
 
 TEXT_TASKS = ("masked-lm", "sequence-classification")
 
@@ -64,15 +64,42 @@ def make_text_batch(task: TextTask, samples: Sequence[TextSample], *, seed: int)
     return task.make_batch(texts, labels)  # type: ignore[attr-defined]
 
 
-def client_update(task: TextTask, batch: TextBatch, recipe: Recipe) -> Observation:
-    """The client's shared gradient, without the gradients of frozen parameters (task.frozen)."""
-    view = task.with_layout(batch.layout)
+def client_update(
+    task: TextTask, batch: TextBatch, recipe: Recipe, *, seed: int = 0, batch_index: int = 0,
+    other_batches: Callable[[int], list[TextBatch]] | None = None,
+) -> Observation:
+    """The client's shared update (gradient, or FedAvg weight difference) after the recipe's
+    defense chain, without the gradients of frozen parameters (task.frozen).
+
+    Args:
+        task, batch, recipe: the shared model, the client's tokenised batch, the setting.
+        seed, batch_index: the client's randomness for noisy or random-mask defenses.
+        other_batches: other clients' batches of the round, for `clients:n`.
+    """
     frozen = [p for n, p in task.model.named_parameters() if any(f and f in n for f in recipe.task.frozen)]
     saved = [p.requires_grad for p in frozen]
+    c = recipe.client
+
+    def update(b: TextBatch) -> Observation:
+        return observe(task.with_layout(b.layout), b.input_ids, b.labels, reduction=recipe.data.reduction, model_name=recipe.task.model,
+                       local_steps=c.local_steps, local_lr=c.local_lr, local_batch=c.local_batch)
+
+    def per_example() -> list[dict[str, torch.Tensor]]:
+        out = []
+        for i, L in enumerate(batch.layout.lengths):
+            masked = batch.layout.masked[i : i + 1, :L] if batch.layout.masked is not None else None
+            labels = batch.labels[i : i + 1, :L] if batch.labels.dim() == 2 else batch.labels[i : i + 1]
+            one = TextBatch(batch.input_ids[i : i + 1, :L], TextLayout(lengths=[L], masked=masked), labels)
+            out.append(per_example_gradients(task.with_layout(one.layout), one.input_ids, one.labels)[0])
+        return out
+
     try:
         for p in frozen:
             p.requires_grad_(False)  # only for this step, on the simulation's own model
-        return observe(view, batch.input_ids, batch.labels, reduction=recipe.data.reduction, model_name=recipe.task.model)
+        return defend(
+            update(batch), recipe.defense, seed=seed * 7919 + batch_index, per_example=per_example,
+            other_clients=(lambda k: [update(b) for b in other_batches(k)]) if other_batches else None,
+        )
     finally:
         for p, s in zip(frozen, saved):
             p.requires_grad_(s)
@@ -169,11 +196,14 @@ def run_text_recipe(
     progress: Any = None,
     callbacks: Sequence[StepCallback] = (),
     on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    only_batches: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Simulate, attack and score a text recipe; write the run directory; return the metrics dict.
 
     The run directory gets `config.json`, `metrics.json`, `trace.jsonl`, `diff.txt` (reference vs
     recovery) and `recovered.txt`. Ctrl-C saves every finished sentence (exit 130).
+    only_batches attacks just those client batches (an audit's cells). With `clients:n`, the
+    other clients hold the batches that follow in the drawn data (cyclically).
     """
     check_device(device)
     recipe.validate()
@@ -203,9 +233,12 @@ def run_text_recipe(
 
     try:
         for b, batch in enumerate(tokenised):
+            if only_batches is not None and b not in only_batches:
+                continue
             if progress is not None:
                 progress.start(f"batch {b + 1}/{len(tokenised)}", recipe.attack.steps if recipe.attack.method == "match" else 1)
-            observation = client_update(task, batch, recipe)
+            others = (lambda k, b=b: [tokenised[(b + j) % len(tokenised)] for j in range(1, k + 1)])
+            observation = client_update(task, batch, recipe, seed=seed, batch_index=b, other_batches=others)
             try:
                 recovery: TextRecovery | None = recover_text(task, observation, recipe.attack, seed=seed + b, device=device, callbacks=step_callbacks)
             except AttackDiverged:
@@ -221,7 +254,7 @@ def run_text_recipe(
             for i, r in enumerate(scored):
                 r.update(
                     {
-                        "index": len(rows),
+                        "index": b * bs + i,
                         "batch": b,
                         "name": batches[b][i].name,
                         "seconds": recovery.seconds if recovery else None,
