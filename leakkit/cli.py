@@ -1,4 +1,4 @@
-"""Command line: `leakkit run | list | observe | attack`.
+"""Command line: `leakkit run | list | observe | attack | audit | report`.
 
 User mistakes end with one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -25,14 +25,20 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
         sp.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
+    def defense_option(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--defense", action="append", default=[], metavar="SPEC",
+                        help="client-side defense, e.g. noise:std=1e-3 or prune:ratio=0.5 (repeat or join with + to compose; see `leakkit list defenses`)")
+
     run = sub.add_parser("run", help="simulate a client, attack its gradient, score the recovery")
     common(run)
+    defense_option(run)
     run.add_argument("--input", help="an image file or folder of images; for text recipes a .txt (one sentence per line) or .tsv")
     run.add_argument("--samples", type=int, help="number of images to attack (default: the recipe's data.samples, or every --input image)")
     run.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
 
-    obs = sub.add_parser("observe", help="victim side: write the shared gradient of one client step (safetensors)")
+    obs = sub.add_parser("observe", help="victim side: write the (defended) shared update of one client round (safetensors)")
     common(obs)
+    defense_option(obs)
     obs.add_argument("--input", help="an image file or folder, or a .txt/.tsv of sentences (default: the recipe's data)")
     obs.add_argument("--out", required=True, help="output .safetensors file")
 
@@ -43,9 +49,27 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     att.add_argument("--gradients", required=True, help="a .safetensors file written by `leakkit observe`")
     att.add_argument("--out", help="run directory (default runs/RECIPE-attack-TIMESTAMP)")
 
+    aud = sub.add_parser("audit", help="success rates of a recipe over a grid of defenses / settings, with utility, resumable")
+    common(aud)
+    defense_option(aud)
+    aud.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="sweep a recipe field, e.g. data.batch_size=1,2,4 (repeat for a product)")
+    aud.add_argument("--input", help="as for `leakkit run`")
+    aud.add_argument("--samples", type=int, help="examples attacked per setting (default: the recipe's data.samples)")
+    aud.add_argument("--out", help="audit directory (default audits/RECIPE-TIMESTAMP)")
+    aud.add_argument("--resume", action="store_true", help="finish an interrupted audit in --out, skipping finished cells")
+    aud.add_argument("--backend", default="local", help="local (default) or ray")
+    aud.add_argument("--workers", type=int, help="Ray CPUs to start locally (default: all cores)")
+    aud.add_argument("--ray-address", help="address of an existing Ray cluster (default: $RAY_ADDRESS, else start one)")
+    aud.add_argument("--no-utility", action="store_true", help="skip training the model under each defense")
+    aud.add_argument("--no-report", action="store_true", help="do not write plots and report.html at the end")
+
+    rep = sub.add_parser("report", help="plots and an offline HTML report of an audit directory")
+    rep.add_argument("audit_dir", help="a directory written by `leakkit audit`")
+    rep.add_argument("--quiet", action="store_true")
+
     lst = sub.add_parser("list", help="recipes, tasks, models, objectives, label strategies, ...")
     lst.add_argument("what", nargs="?", default="all", help="one of: all, " + ", ".join(_CATALOGUES))
-    return p, {"run": run, "observe": obs, "attack": att, "list": lst}
+    return p, {"run": run, "observe": obs, "attack": att, "audit": aud, "report": rep, "list": lst}
 
 
 def _catalogue_recipes() -> list[tuple[str, str]]:
@@ -77,6 +101,8 @@ _CATALOGUES: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "text-data": _registry("leakkit.textdata", "TEXT_SOURCES"),
     "decoders": _registry("leakkit.decoders", "TOKEN_DECODERS"),
     "text-methods": _registry("leakkit.text_attack", "TEXT_METHODS"),
+    "defenses": _registry("leakkit.defenses", "DEFENSES"),
+    "backends": _registry("leakkit.audit", "BACKENDS"),
 }
 
 
@@ -119,11 +145,18 @@ def _default_out(recipe: str, suffix: str = "") -> str:
     return f"runs/{Path(recipe).stem}{suffix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _with_defenses(overrides: list[str], defenses: list[str]) -> list[str]:
+    """`--defense A --defense B` composes A then B after any defense the recipe sets."""
+    if not defenses:
+        return list(overrides)
+    return list(overrides) + ["defense=" + "+".join(d.strip() for d in defenses)]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from leakkit.config import load_recipe
     from leakkit.experiment import run_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
     out = args.out or _default_out(args.recipe)
     console = _console()
     progress = _progress(args, console)
@@ -187,26 +220,30 @@ def _print_text_summary(console: Any, name: str, s: dict[str, Any], out: str) ->
 
 def cmd_observe(args: argparse.Namespace) -> int:
     from leakkit.config import load_recipe
-    from leakkit.experiment import build_task, load_samples, make_batches
-    from leakkit.victim import observe
+    from leakkit.experiment import build_task, client_update, load_samples, make_batches
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
+    bs = recipe.data.batch_size
     if recipe.task.name in ("masked-lm", "sequence-classification"):
-        from leakkit.text_experiment import build_text, client_update, load_text_samples, make_text_batch
+        from leakkit import text_experiment as te
 
-        text_task = build_text(recipe, seed=args.seed)
-        sentences = load_text_samples(recipe, input_path=args.input, samples=recipe.data.batch_size)[: recipe.data.batch_size]
-        observation = client_update(text_task, make_text_batch(text_task, sentences, seed=args.seed), recipe)
+        text_task = te.build_text(recipe, seed=args.seed)
+        # the batches after the client's own are the other clients of the round (`clients:n`)
+        pool = te.load_text_samples(recipe, input_path=args.input, samples=None if args.input else bs * 64)
+        batches = [te.make_text_batch(text_task, pool[k : k + bs], seed=args.seed + k // bs) for k in range(0, len(pool), bs)]
+        others = lambda k: [batches[j % len(batches)] for j in range(1, k + 1)]  # noqa: E731
+        observation = te.client_update(text_task, batches[0], recipe, seed=args.seed, other_batches=others)
     else:
         task = build_task(recipe, seed=args.seed)
-        pool = load_samples(recipe, input_path=args.input, samples=recipe.data.batch_size, seed=args.seed)
+        pool = load_samples(recipe, input_path=args.input, samples=bs, seed=args.seed)
         batch = make_batches(recipe, pool, seed=args.seed)[0]
-        inputs = task.from_pixels(batch.pixels.double()).float()
-        observation = observe(task, inputs, batch.labels, reduction=recipe.data.reduction, model_name=recipe.task.model)
-    observation.extra.update({"recipe": recipe.name, "model_seed": args.seed})
+        observation = client_update(task, recipe, batch, seed=args.seed)
+    observation.extra.update({"recipe": recipe.name, "model_seed": args.seed, "defense": recipe.defense})
     path = observation.save(args.out)
     if not args.quiet:
-        _console().print(f"wrote the shared gradient of {observation.batch_size} example(s) to {path}")
+        kind = "weight difference" if observation.extra.get("fedavg") else "gradient"
+        defended = "" if recipe.defense == "none" else f" (defense {recipe.defense})"
+        _console().print(f"wrote the shared {kind} of {observation.batch_size} example(s){defended} to {path}")
     return 0
 
 
@@ -245,7 +282,93 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from leakkit.audit import AuditSpec, run_audit
+
+    from leakkit.errors import ConfigError
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    spec = AuditSpec(
+        recipe=args.recipe, overrides=list(args.overrides), grid=list(args.grid), defenses=list(args.defense),
+        samples=args.samples, input=args.input, seed=args.seed, device=args.device, utility=not args.no_utility,
+    )
+    out = args.out or _default_out(args.recipe).replace("runs/", "audits/", 1)
+    console = _console()
+    progress = None if args.quiet else _audit_progress(console)
+    with progress or contextlib.nullcontext():
+        summary = run_audit(
+            spec, out=out, resume=args.resume, backend=args.backend,
+            backend_options={"workers": args.workers, "ray_address": args.ray_address},
+            on_done=progress.advance if progress else None,
+        )
+    if not args.no_report:
+        from leakkit.report import write_report
+
+        write_report(out)
+    if not args.quiet:
+        _print_audit(console, summary, out)
+    return 0
+
+
+class _audit_progress:
+    """A rich progress bar over an audit's jobs."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("audit"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self._task: Any = None
+
+    def __enter__(self) -> "_audit_progress":
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._p.__exit__(*exc)
+
+    def advance(self, job: Any, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._p.add_task("cells", total=total)
+        self._p.update(self._task, completed=done, total=total)
+
+
+def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
+    from rich.table import Table
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    rows = summary["settings"]
+    first = rows[0] if rows else {}
+    score = "ROUGE-1" if first.get("score") == "rouge1" else "PSNR"
+    spec = ".3f" if score == "ROUGE-1" else ".1f"
+    table = Table(title=f"{summary['recipe']}: success = {score} ≥ {fmt(first.get('success_threshold'), 'g')}", title_justify="left")
+    for col in ("setting", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "s / batch", "utility acc."):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        table.add_row(
+            r["label"] or "none", str(r["n"]), fmt(r["success_rate"], ".0%"), f"{lo:.0%}–{hi:.0%}", fmt(r["score_median"], spec),
+            f"{fmt(r['score_q25'], spec)}–{fmt(r['score_q75'], spec)}", fmt(r["label_accuracy"], ".0%"),
+            fmt(r["attacker_seconds_median"], ".1f"), fmt(r["utility_accuracy"], ".1%"),
+        )
+    console.print(table)
+    console.print(f"tables: {out}/summary.csv, {out}/samples.csv · report: {out}/report.html")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from leakkit.report import write_report
+
+    path = write_report(args.audit_dir)
+    if not args.quiet:
+        _console().print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "audit": cmd_audit,
+    "report": cmd_report,
     "run": cmd_run,
     "observe": cmd_observe,
     "attack": cmd_attack,

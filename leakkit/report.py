@@ -1,0 +1,184 @@
+"""Plots and a static, self-contained HTML report of an audit directory (readable offline).
+
+Plots: success rate per setting with 95 % Wilson intervals; for each swept series, success rate,
+score (PSNR or ROUGE-1, median and quartiles) and attacker time against strength; privacy
+against utility. Images are embedded in the HTML as data URIs, so the file stands alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from leakkit.audit import AuditDir, Job, collect
+
+MAX_GRIDS = 2
+MAX_DIFF_CHARS = 4000
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _score_name(rows: list[dict[str, Any]]) -> str:
+    return "ROUGE-1" if rows and rows[0]["score"] == "rouge1" else "PSNR (dB)"
+
+
+def plot_success(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Bar chart: success rate of every setting with its 95 % Wilson interval."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6))
+    rates = [r["success_rate"] or 0.0 for r in rows]
+    err = [[rate - r["success_ci95"][0] for rate, r in zip(rates, rows)], [r["success_ci95"][1] - rate for rate, r in zip(rates, rows)]]
+    ax.bar(range(len(rows)), rates, yerr=err, capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(rows)), [r["label"] or "none" for r in rows], rotation=40, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("attack success rate")
+    thr = rows[0]["success_threshold"] if rows else None
+    ax.set_title(f"success = {_score_name(rows).split()[0]} ≥ {thr:g} · bars: 95 % Wilson CI", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_series(series: str, rows: list[dict[str, Any]], path: Path) -> Path:
+    """Success rate, score and attacker time against the swept strength of one series."""
+    plt = _pyplot()
+    rows = sorted(rows, key=lambda r: r["strength"])
+    x = [r["strength"] for r in rows]
+    positive = [v for v in x if v > 0]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
+    rate = [r["success_rate"] or 0.0 for r in rows]
+    axes[0].errorbar(x, rate, yerr=[[a - r["success_ci95"][0] for a, r in zip(rate, rows)], [r["success_ci95"][1] - a for a, r in zip(rate, rows)]],
+                     marker="o", capsize=3)
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("success rate (95 % CI)")
+    med = [r["score_median"] for r in rows]
+    axes[1].plot(x, [math.nan if v is None else v for v in med], marker="o")
+    axes[1].fill_between(x, [math.nan if r["score_q25"] is None else r["score_q25"] for r in rows],
+                         [math.nan if r["score_q75"] is None else r["score_q75"] for r in rows], alpha=0.25)
+    axes[1].axhline(rows[0]["success_threshold"], color="grey", ls="--", lw=1)
+    axes[1].set_ylabel(f"{_score_name(rows)}: median, quartiles")
+    axes[2].plot(x, [math.nan if r["attacker_seconds_median"] is None else r["attacker_seconds_median"] for r in rows], marker="o")
+    axes[2].set_ylabel("attacker seconds / batch (median)")
+    for ax in axes:
+        ax.set_xlabel(series)
+        if positive and max(positive) / min(positive) >= 100:
+            ax.set_xscale("symlog", linthresh=min(positive)) if len(positive) < len(x) else ax.set_xscale("log")
+    fig.suptitle(series, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Attack success against the accuracy the model reaches under the same defense."""
+    points = [r for r in rows if r["utility_accuracy"] is not None]
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in points:
+        ax.errorbar(r["utility_accuracy"], r["success_rate"] or 0.0,
+                    yerr=[[(r["success_rate"] or 0) - r["success_ci95"][0]], [r["success_ci95"][1] - (r["success_rate"] or 0)]], marker="o", capsize=3)
+        ax.annotate(r["label"] or "none", (r["utility_accuracy"], r["success_rate"] or 0.0), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("utility: held-out accuracy trained under the defense")
+    ax.set_ylabel("privacy loss: attack success rate")
+    ax.set_ylim(-0.03, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def write_report(audit_dir: str | Path) -> Path:
+    """Write plots/*.png and report.html for an audit directory; returns the HTML path."""
+    adir = AuditDir(audit_dir)
+    summary = collect(adir.path)
+    rows = summary["settings"]
+    plots = adir.path / "plots"
+    plots.mkdir(exist_ok=True)
+    figures: list[tuple[str, Path]] = []
+    if rows:
+        figures.append(("Success rate per setting", plot_success(rows, plots / "success.png")))
+    by_series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["strength"] is not None and r["n"]:
+            by_series.setdefault(r["series"], []).append(r)
+    for k, (series, members) in enumerate(by_series.items()):
+        if len(members) > 1:
+            figures.append((f"Sweep: {series}", plot_series(series, members, plots / f"series-{k}.png")))
+    pu = plot_privacy_utility([r for r in rows if r["n"]], plots / "privacy-utility.png")
+    if pu is not None:
+        figures.append(("Privacy against utility", pu))
+    page = _html(summary, figures, adir)
+    out = adir.path / "report.html"
+    tmp = out.with_name("report.html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _html(summary: dict[str, Any], figures: list[tuple[str, Path]], adir: AuditDir) -> str:
+    rows = summary["settings"]
+    spec = summary["spec"]
+    esc = html.escape
+    score = _score_name(rows)
+    sf = ".3f" if score == "ROUGE-1" else ".1f"
+    head = ["setting", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "attacker s/batch", "utility acc."]
+    body = []
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        cells = [r["label"] or "none", r["n"], _fmt(r["success_rate"], ".0%"), f"{lo:.0%}–{hi:.0%}", _fmt(r["score_median"], sf),
+                 f"{_fmt(r['score_q25'], sf)}–{_fmt(r['score_q75'], sf)}", _fmt(r["label_accuracy"], ".0%"),
+                 _fmt(r["attacker_seconds_median"], ".2f"), _fmt(r["utility_accuracy"], ".1%")]
+        body.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>leakkit audit: " + esc(summary["recipe"]) + "</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;font-size:14px}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}pre{background:#f6f6f6;padding:8px;"
+        "overflow-x:auto;font-size:12px}img{max-width:100%}</style></head><body>",
+        f"<h1>leakkit audit: {esc(summary['recipe'])}</h1>",
+        f"<p>Success means {esc(score.split()[0])} ≥ {_fmt(rows[0]['success_threshold'] if rows else None, 'g')} (from the recipe). "
+        "Intervals are 95 % Wilson score intervals over the attacked examples. "
+        f"Seed {spec['seed']}, samples per setting {esc(str(spec['samples'] or 'recipe default'))}, overrides {esc(' '.join(spec['overrides']) or 'none')}.</p>",
+        "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>",
+    ]
+    for title, path in figures:
+        parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='{_data_uri(path)}'>")
+    parts.append("<h2>Recoveries</h2>")
+    for r in rows:
+        parts.append(f"<h3>{esc(r['label'] or 'none')}</h3>")
+        shown = 0
+        for b in range(r["batches"]):
+            cell = adir.cell(Job("cell", r["setting"], b))
+            if shown >= MAX_GRIDS:
+                break
+            if (cell / "grid.png").is_file():
+                parts.append(f"<p>batch {b}: truth (upper row) and recovery (lower row)</p><img src='{_data_uri(cell / 'grid.png')}'>")
+                shown += 1
+            elif (cell / "diff.txt").is_file():
+                parts.append(f"<pre>{esc((cell / 'diff.txt').read_text(encoding='utf-8')[:MAX_DIFF_CHARS])}</pre>")
+                shown += 1
+        if shown == 0:
+            parts.append("<p>no finished cell yet</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
