@@ -32,6 +32,7 @@ from leakkit.observation import Observation
 SPAN_TOL = 1e-3
 # Stricter cut for splitting word-embedding rows: a token that is also a label has a row dominated
 # by its decoder part, and only its small input part (well above float32 noise, ~1e-6) sets it apart.
+ROW_OUTLIER = 8.0
 FIT_TOL = 2e-5
 
 
@@ -142,10 +143,11 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, max_rank: int = 256) -> T
     """
     g = word_grad.double()
     norms = g.norm(dim=1)
-    nz = torch.nonzero(norms > 0).flatten()
     d = g.shape[1]
     if not tied:
+        nz = torch.nonzero(used_rows(norms)).flatten()
         return TokenLeak(nz.tolist(), g[nz], torch.zeros(d, 0, dtype=torch.float64))
+    nz = torch.nonzero(norms > 0).flatten()
     unit = g[nz] / norms[nz, None]
     gram = unit.T @ unit
     outliers = torch.zeros(len(nz), dtype=torch.bool)
@@ -190,8 +192,23 @@ def order_from_positions(token_rows: torch.Tensor, position_rows: torch.Tensor, 
 
 
 def nonzero_positions(position_grad: torch.Tensor) -> list[int]:
-    """Indices of position-embedding rows that received a gradient."""
-    return torch.nonzero(position_grad.double().norm(dim=1) > 0).flatten().tolist()
+    """Indices of position-embedding rows that received a gradient (see `used_rows`)."""
+    return torch.nonzero(used_rows(position_grad.double().norm(dim=1))).flatten().tolist()
+
+
+def used_rows(norms: torch.Tensor) -> torch.Tensor:
+    """Which embedding rows the batch used, from their gradient norms.
+
+    A clean update leaves unused rows exactly zero. When most rows are non-zero (a noise
+    defense), the used rows are the norm outliers: above the median by ROW_OUTLIER robust
+    standard deviations (1.4826 x the median absolute deviation).
+    """
+    nonzero = norms > 0
+    if float(nonzero.double().mean()) < 0.5:
+        return nonzero
+    med = norms.median()
+    spread = 1.4826 * (norms - med).abs().median()
+    return norms > med + ROW_OUTLIER * spread
 
 
 # --- layout ---------------------------------------------------------------------------------

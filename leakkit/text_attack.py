@@ -108,6 +108,8 @@ def _fill_labels(input_ids: torch.Tensor, lengths: list[int], labels: torch.Tens
     return out
 
 
+ASSEMBLE_BUDGET = 20_000
+
 # --- exact -------------------------------------------------------------------------------------
 @TEXT_METHODS.register("exact", description="analytic leaks (token set, span checks, order, labels); no optimisation")
 def exact(task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = ()) -> TextRecovery:
@@ -152,12 +154,17 @@ def exact(task: TextTask, observation: Observation, attack: AttackConfig, *, see
     )
 
 
-def assemble(task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str], restarts: int = 24) -> list[list[int]]:
+def assemble(
+    task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str],
+    restarts: int = 24, budget: int = ASSEMBLE_BUDGET,
+) -> list[list[int]]:
     """Split per-position candidate tokens into `batch` sentences.
 
     Each sentence ends at a position holding the separator; a hypothesis is scored by how far its
     second attention layer's inputs lie from the span that layer's gradient reveals (zero only for
-    a sentence the client really sent), and improved one position at a time.
+    a sentence the client really sent), and improved one position at a time. At most `budget`
+    hypotheses are scored: a defended (noisy) update gives every position many candidates, and
+    the search then returns its closest hypotheses instead of running for hours.
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
@@ -172,11 +179,18 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
     found: dict[tuple[int, ...], float] = {}
     closest: dict[tuple[int, ...], float] = {}  # every hypothesis the search ended on, with its residual
 
+    scored = 0
+
     def score(rows: list[list[int]]) -> torch.Tensor:
+        nonlocal scored
+        scored += len(rows)
         ids, lengths = _pad(rows, pad)
         return ta.layer_residual(task, observation, 1, ids.to(dev), lengths)
 
     for end in ends:
+        if scored >= budget:
+            notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
+            break
         L = end + 1
         slots = []
         for j in range(L):
@@ -194,7 +208,7 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
             for _sweep in range(8):
                 changed = False
                 for j, s in enumerate(slots):
-                    if len(s) == 1:
+                    if len(s) == 1 or scored >= budget:
                         continue
                     trial = [cur[:j] + [t] + cur[j + 1 :] for t in s]
                     best = int(score(trial).argmin())
@@ -210,7 +224,7 @@ def assemble(task: TextTask, observation: Observation, candidates: list[list[int
                 found[key], misses = residual, 0
             else:
                 misses += 1
-            if misses >= 6 or all(len(s) == 1 for s in slots):
+            if misses >= 6 or all(len(s) == 1 for s in slots) or scored >= budget:
                 break
     sentences = sorted(found, key=lambda k: found[k])
     if len(sentences) < batch:

@@ -241,7 +241,9 @@ def run_text_recipe(
             observation = client_update(task, batch, recipe, seed=seed, batch_index=b, other_batches=others)
             try:
                 recovery: TextRecovery | None = recover_text(task, observation, recipe.attack, seed=seed + b, device=device, callbacks=step_callbacks)
-            except AttackDiverged:
+            except (AttackDiverged, InputError) as e:
+                # a defended update can defeat the analytic steps (e.g. noise hides the order): a failed recovery
+                warnings.warn(f"batch {b + 1}: attack failed: {e}", stacklevel=2)
                 recovery = None
             if recovery is None:
                 scored = [{"reference": task.decode(batch.originals[i, :L].tolist()), "recovered": None, "rouge1": None, "rouge2": None, "rougeL": None,
