@@ -22,17 +22,18 @@ class LeNetSigmoid(nn.Module):
 
     Weights are drawn uniformly from [-0.5, 0.5], as in the paper's code: with PyTorch's default
     (much smaller) initialisation the sigmoids are nearly linear and the leak is weaker.
+    `activation` exists for the paper's sigmoid-vs-ReLU comparison (`lenet-relu`).
     """
 
-    def __init__(self, num_classes: int = 100, channels: int = 3, image_size: int = 32) -> None:
+    def __init__(self, num_classes: int = 100, channels: int = 3, image_size: int = 32, activation: type[nn.Module] = nn.Sigmoid) -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, 12, 5, padding=2, stride=2),
-            nn.Sigmoid(),
+            activation(),
             nn.Conv2d(12, 12, 5, padding=2, stride=2),
-            nn.Sigmoid(),
+            activation(),
             nn.Conv2d(12, 12, 5, padding=2, stride=1),
-            nn.Sigmoid(),
+            activation(),
         )
         side = ((image_size + 1) // 2 + 1) // 2  # after two stride-2 convolutions with padding 2
         self.fc = nn.Linear(12 * side * side, num_classes)
@@ -100,6 +101,11 @@ class ResNetGELU(nn.Module):
 @MODELS.register("lenet", description="DLG paper's LeNet with sigmoid (3 strided convs + linear), uniform init")
 def _lenet(**kw: int) -> nn.Module:
     return LeNetSigmoid(**kw)
+
+
+@MODELS.register("lenet-relu", description="the same LeNet with ReLU: second derivatives vanish almost everywhere (DLG's negative case)")
+def _lenet_relu(**kw: int) -> nn.Module:
+    return LeNetSigmoid(activation=nn.ReLU, **kw)
 
 
 @MODELS.register("convnet", description="small conv-GroupNorm-GELU network, width 32")
