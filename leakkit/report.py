@@ -73,7 +73,11 @@ def plot_series(series: str, rows: list[dict[str, Any]], path: Path) -> Path:
     for ax in axes:
         ax.set_xlabel(series)
         if positive and max(positive) / min(positive) >= 100:
-            ax.set_xscale("symlog", linthresh=min(positive)) if len(positive) < len(x) else ax.set_xscale("log")
+            if len(positive) < len(x):  # a zero strength (the undefended baseline) needs a linear piece at 0
+                ax.set_xscale("symlog", linthresh=min(positive))
+                ax.set_xlim(0, max(positive) * 2)
+            else:
+                ax.set_xscale("log")
     fig.suptitle(series, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
