@@ -13,3 +13,4 @@ $L audit bert-exact task.name=sequence-classification --defense noise:std=0,1e-5
 $L audit dlg $A --grid task.model=lenet,lenet-relu --samples 8 --out $OUT/activation $R --quiet
 $L audit dlg $A --grid data.batch_size=1,4,16 --samples 16 --no-utility --out $OUT/batch $R --quiet
 $L audit dlg $A --grid task.image_size=32,64,128 --samples 4 --no-utility --out $OUT/resolution $R --quiet
+$L audit dlg $A attack.ignore_zeros=true --defense prune:ratio=0.1,0.3,0.5,0.7,0.9 --samples 8 --no-utility --out $OUT/prune-aware $R --quiet

@@ -44,6 +44,8 @@ class AttackConfig:
     method (text tasks): "match" (this engine, then decoding) or "exact" (analytic leaks);
     decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
     word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off).
+    ignore_zeros: match only the entries the update does not hold as exactly 0 (an attacker who
+    knows the client prunes or sparsifies).
     restarts: independent starts, best kept by gradient distance; stop_distance: a restart ends
     once the relative gradient distance falls below it; patience: steps without a 1 % improvement
     before a restart is declared stalled (0 = never); precision: "float64" or "float32".
@@ -71,6 +73,7 @@ class AttackConfig:
     decoder: str = "cosine"
     restrict_tokens: bool = False
     discrete_steps: int = 0
+    ignore_zeros: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names or out-of-range numbers."""
@@ -189,6 +192,7 @@ def reconstruct(
     problem = _Problem(
         work, observation.reduction, target, objective, weights, options, priors, features,
         attack.feature_weight, observation.batch_size, fedavg,
+        [(t != 0).to(dtype) for t in target] if attack.ignore_zeros else None,
     )
     started = time.perf_counter()
     trace: list[dict[str, Any]] = []
@@ -244,16 +248,19 @@ class _Problem:
     feature_weight: float
     batch: int
     fedavg: dict[str, Any] | None = None
+    masks: list[torch.Tensor] | None = None
 
     def update(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool) -> list[torch.Tensor]:
         """What the client would have shared for (x, labels): its gradient, or with FedAvg the
-        weight difference after the same local steps."""
+        weight difference after the same local steps; with `masks`, only the entries the client kept."""
         if self.fedavg:
-            return self.task.local_update(
+            out = self.task.local_update(
                 x, labels, steps=int(self.fedavg["local_steps"]), lr=float(self.fedavg["local_lr"]),
                 local_batch=int(self.fedavg.get("local_batch", 0)), reduction=self.reduction, create_graph=create_graph, matched=True,
             )
-        return self.task.gradients(x, labels, reduction=self.reduction, create_graph=create_graph, matched=True)
+        else:
+            out = self.task.gradients(x, labels, reduction=self.reduction, create_graph=create_graph, matched=True)
+        return out if self.masks is None else [g * m for g, m in zip(out, self.masks)]
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Matching loss (objective + feature term + priors) and the candidate's update."""
@@ -262,6 +269,7 @@ class _Problem:
             loss = self.objective(grads, self.target, self.weights, self.options)
         else:
             grads, feats = self.task.gradients_and_features(x, labels, reduction=self.reduction, create_graph=True, matched=True)
+            grads = grads if self.masks is None else [g * m for g, m in zip(grads, self.masks)]
             loss = self.objective(grads, self.target, self.weights, self.options)
             loss = loss + self.feature_weight * (feats - self.features[0]).pow(2).sum() / self.features[1]
         for prior, w in self.priors:

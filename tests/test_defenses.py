@@ -154,3 +154,17 @@ def test_defend_is_seeded_and_none_is_identity():
     a, b = (defend(obs, "noise:std=0.1", seed=s) for s in (1, 1))
     c = defend(obs, "noise:std=0.1", seed=2)
     assert torch.equal(_flat(a), _flat(b)) and not torch.equal(_flat(a), _flat(c))
+
+
+def test_a_pruning_aware_attacker_beats_pruning_that_stops_a_naive_one():
+    from leakkit import metrics
+    from leakkit.engine import AttackConfig, reconstruct
+
+    task, x, y, _ = _client(batch=1)
+    pruned = defenses.apply(observe(task, x, y), "prune:ratio=0.3", _ctx())
+    psnr = {}
+    for aware in (False, True):
+        cfg = AttackConfig(labels="idlg", restarts=1, steps=60, patience=0, stop_distance=1e-10, ignore_zeros=aware)
+        rec = reconstruct(task, pruned, cfg, seed=0)
+        psnr[aware] = metrics.psnr(x[0].numpy(), task.to_pixels(rec.inputs.double())[0].float().numpy())
+    assert psnr[True] > 30 and psnr[True] > psnr[False] + 10, psnr
