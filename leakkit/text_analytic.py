@@ -199,12 +199,13 @@ def nonzero_positions(position_grad: torch.Tensor) -> list[int]:
 def used_rows(norms: torch.Tensor) -> torch.Tensor:
     """Which embedding rows the batch used, from their gradient norms.
 
-    A clean update leaves unused rows exactly zero. When most rows are non-zero (a noise
-    defense), the used rows are the norm outliers: above the median by ROW_OUTLIER robust
-    standard deviations (1.4826 x the median absolute deviation).
+    A clean update leaves unused rows exactly zero. When every row is non-zero (a noise
+    defense; a real batch never uses the whole table), the used rows are the norm outliers:
+    above the median by ROW_OUTLIER robust standard deviations (1.4826 x the median absolute
+    deviation).
     """
     nonzero = norms > 0
-    if float(nonzero.double().mean()) < 0.5:
+    if not bool(nonzero.all()):
         return nonzero
     med = norms.median()
     spread = 1.4826 * (norms - med).abs().median()
