@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # A loose torch requirement pulls several GB of CUDA packages; pin the CPU build (see README).
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench audits clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: setup
 bench: setup
 	$(BIN)/python bench/vision.py
 	$(BIN)/python bench/text.py
+	$(BIN)/python bench/audit.py
+
+# the defense audits behind the README's figures (about an hour on 2 cores)
+audits: setup
+	LEAKKIT=$(BIN)/leakkit bash bench/audits.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
