@@ -37,8 +37,7 @@ def plot_success(rows: list[dict[str, Any]], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6))
     rates = [r["success_rate"] or 0.0 for r in rows]
-    err = [[rate - r["success_ci95"][0] for rate, r in zip(rates, rows)], [r["success_ci95"][1] - rate for rate, r in zip(rates, rows)]]
-    ax.bar(range(len(rows)), rates, yerr=err, capsize=3, color="#4c72b0")
+    ax.bar(range(len(rows)), rates, yerr=_ci_errors(rows), capsize=3, color="#4c72b0")
     ax.set_xticks(range(len(rows)), [r["label"] or "none" for r in rows], rotation=40, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("attack success rate")
@@ -58,8 +57,7 @@ def plot_series(series: str, rows: list[dict[str, Any]], path: Path) -> Path:
     positive = [v for v in x if v > 0]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
     rate = [r["success_rate"] or 0.0 for r in rows]
-    axes[0].errorbar(x, rate, yerr=[[a - r["success_ci95"][0] for a, r in zip(rate, rows)], [r["success_ci95"][1] - a for a, r in zip(rate, rows)]],
-                     marker="o", capsize=3)
+    axes[0].errorbar(x, rate, yerr=_ci_errors(rows), marker="o", capsize=3)
     axes[0].set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("success rate (95 % CI)")
     med = [r["score_median"] for r in rows]
@@ -93,8 +91,7 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in points:
-        ax.errorbar(r["utility_accuracy"], r["success_rate"] or 0.0,
-                    yerr=[[(r["success_rate"] or 0) - r["success_ci95"][0]], [r["success_ci95"][1] - (r["success_rate"] or 0)]], marker="o", capsize=3)
+        ax.errorbar(r["utility_accuracy"], r["success_rate"] or 0.0, yerr=_ci_errors([r]), marker="o", capsize=3)
         ax.annotate(r["label"] or "none", (r["utility_accuracy"], r["success_rate"] or 0.0), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel("utility: held-out accuracy trained under the defense")
     ax.set_ylabel("privacy loss: attack success rate")
@@ -103,6 +100,13 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _ci_errors(rows: list[dict[str, Any]]) -> list[list[float]]:
+    """Error-bar lengths below and above each success rate (never negative: the Wilson bounds
+    can sit a rounding error inside a rate of 0 or 1)."""
+    rates = [r["success_rate"] or 0.0 for r in rows]
+    return [[max(0.0, a - r["success_ci95"][0]) for a, r in zip(rates, rows)], [max(0.0, r["success_ci95"][1] - a) for a, r in zip(rates, rows)]]
 
 
 def _data_uri(path: Path) -> str:

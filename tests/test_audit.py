@@ -116,3 +116,16 @@ def test_cli_observe_with_defense_then_attack(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "p" / "config.json").read_text())["recipe"]["defense"] == "prune:ratio=0.3"
     assert "prune" in run_cli("list", "defenses").stdout
+
+
+def test_plots_accept_wilson_bounds_a_rounding_error_inside_the_rate(tmp_path):
+    from leakkit import metrics
+    from leakkit.report import plot_series, plot_success
+
+    # for 4/4 the Wilson upper bound is 0.9999999999999999, just below the rate
+    rows = [{"label": f"s{k}", "success_rate": 1.0, "success_ci95": list(metrics.wilson_interval(4, 4)), "success_threshold": 40.0,
+             "score": "psnr", "strength": float(k), "score_median": 50.0, "score_q25": 49.0, "score_q75": 51.0,
+             "attacker_seconds_median": 1.0} for k in (1, 2)]
+    assert rows[0]["success_ci95"][1] < 1.0
+    assert plot_success(rows, tmp_path / "a.png").is_file()
+    assert plot_series("x", rows, tmp_path / "b.png").is_file()
