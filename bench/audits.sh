@@ -10,6 +10,7 @@ A="attack.restarts=1"
 $L audit dlg $A --defense noise:std=0,1e-4,1e-3,1e-2,1e-1 --samples 16 --out $OUT/noise $R --quiet
 $L audit dlg $A --defense fp16 --defense prune:ratio=0.01,0.1,0.2,0.3,0.5,0.7 --samples 8 --out $OUT/prune $R --quiet
 $L audit bert-exact task.name=sequence-classification --defense noise:std=0,1e-5,1e-4,1e-3 --defense prune:ratio=0.1,0.3,0.5,0.7 --input ${TEXT:-../shared/data/text/sst2_dev.tsv} --samples 10 --out $OUT/text $R --quiet
+$L audit bert-exact task.name=sequence-classification --defense prune:ratio=0.1,0.5,0.9,0.99 --input ${TEXT:-../shared/data/text/sst2_dev.tsv} --samples 10 --out $OUT/text-prune $R --quiet
 $L audit dlg $A --grid task.model=lenet,lenet-relu --samples 8 --out $OUT/activation $R --quiet
 $L audit dlg $A --grid data.batch_size=1,4,16 --samples 16 --no-utility --out $OUT/batch $R --quiet
 $L audit dlg $A --grid task.image_size=32,64,128 --samples 4 --no-utility --out $OUT/resolution $R --quiet
