@@ -124,19 +124,21 @@ def test_ctrl_c_keeps_finished_results(tmp_path):
     out = tmp_path / "int"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "leakkit", "run", "dlg", "--samples", "40", "--out", str(out), "--quiet",
+        [sys.executable, "-m", "leakkit", "run", "dlg", "--samples", "200", "--out", str(out), "--quiet",
          "task.image_size=16", "task.num_classes=10", "attack.restarts=1", "attack.steps=40", "attack.stop_distance=0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    deadline = time.time() + 120
-    while not (out / "metrics.json").exists() and time.time() < deadline:
+    # wait for the first finished batch however slow the machine is; only then interrupt
+    deadline = time.time() + 600
+    while not (out / "metrics.json").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert (out / "metrics.json").exists(), "no batch finished within 10 minutes"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "interrupted after" in err and "Traceback" not in err
     m = json.loads((out / "metrics.json").read_text())
-    assert m["summary"]["interrupted"] is True and 1 <= m["summary"]["n"] < 40
+    assert m["summary"]["interrupted"] is True and 1 <= m["summary"]["n"] < 200
 
 
 def test_python_dash_m_works():
