@@ -230,9 +230,13 @@ def cmd_observe(args: argparse.Namespace) -> int:
         text_task = te.build_text(recipe, seed=args.seed)
         # the batches after the client's own are the other clients of the round (`clients:n`)
         pool = te.load_text_samples(recipe, input_path=args.input, samples=None if args.input else bs * 64)
-        batches = [te.make_text_batch(text_task, pool[k : k + bs], seed=args.seed + k // bs) for k in range(0, len(pool), bs)]
-        others = lambda k: [batches[j % len(batches)] for j in range(1, k + 1)]  # noqa: E731
-        observation = te.client_update(text_task, batches[0], recipe, seed=args.seed, other_batches=others)
+        count = -(-len(pool) // bs)
+
+        def batch(j: int) -> Any:  # tokenised only when used: other clients exist only for `clients:n`
+            k = (j % count) * bs
+            return te.make_text_batch(text_task, pool[k : k + bs], seed=args.seed + j % count)
+
+        observation = te.client_update(text_task, batch(0), recipe, seed=args.seed, other_batches=lambda n: [batch(j) for j in range(1, n + 1)])
     else:
         task = build_task(recipe, seed=args.seed)
         pool = load_samples(recipe, input_path=args.input, samples=bs, seed=args.seed)
