@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from leakkit.audit import AuditSpec, run_audit
-from leakkit.runs import provenance, write_json
+from leakkit.audit.grid import AuditSpec, run_audit
+from leakkit.run.rundir import provenance, write_json
 
 OVERRIDES = ["attack.steps=60", "attack.restarts=1", "attack.patience=0", "attack.stop_distance=0"]
 DEFENSES = ["noise:std=0,1e-4,1e-3,1e-2"]

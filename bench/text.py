@@ -1,6 +1,6 @@
 """Text benchmark: sentences from BERT gradients on CoLA, SST-2 and Rotten Tomatoes.
 
-Every row runs a bundled recipe through `leakkit.text_experiment.run_text_recipe` (the same code
+Every row runs a bundled recipe through `leakkit.run.text.run_text_recipe` (the same code
 path as `leakkit run`) on the first N sentences of a data set in ../shared/data/text and reports
 mean ROUGE-1/2, exact-sentence rate with a 95 % Wilson interval, and seconds per batch.
 
@@ -31,9 +31,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from leakkit.config import load_recipe
-from leakkit.runs import provenance, write_json
-from leakkit.text_experiment import run_text_recipe
+from leakkit.run.config import load_recipe
+from leakkit.run.rundir import provenance, write_json
+from leakkit.run.text import run_text_recipe
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text"
 FILES = {"cola": "cola_dev.tsv", "sst2": "sst2_dev.tsv", "rt": "mr_dev.tsv"}

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from leakkit import metrics
-from leakkit.config import load_recipe
-from leakkit.engine import StepEvent, reconstruct
-from leakkit.experiment import build_task, load_samples, make_batches, score_images
-from leakkit.runs import provenance, write_json
-from leakkit.victim import observe
+from leakkit.run.config import load_recipe
+from leakkit.engine.matching import StepEvent, reconstruct
+from leakkit.run.runner import build_task, load_samples, make_batches, score_images
+from leakkit.run.rundir import provenance, write_json
+from leakkit.client.victim import observe
 
 THRESHOLD = 40.0
 BATCH_OVERRIDES = [

@@ -73,7 +73,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
 
 def _catalogue_recipes() -> list[tuple[str, str]]:
-    from leakkit.config import bundled_recipes, load_recipe
+    from leakkit.run.config import bundled_recipes, load_recipe
 
     return [(name, load_recipe(name).description) for name in sorted(bundled_recipes())]
 
@@ -91,18 +91,18 @@ _CATALOGUES: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "recipes": _catalogue_recipes,
     "tasks": _registry("leakkit.tasks", "TASKS"),
     "models": _registry("leakkit.tasks", "MODELS"),
-    "objectives": _registry("leakkit.objectives", "OBJECTIVES"),
-    "layer-weights": _registry("leakkit.objectives", "LAYER_WEIGHTS"),
-    "labels": _registry("leakkit.labels", "LABELS"),
-    "optimizers": _registry("leakkit.optimizers", "OPTIMIZERS"),
-    "schedules": _registry("leakkit.optimizers", "SCHEDULES"),
-    "priors": _registry("leakkit.priors", "PRIORS"),
-    "data": _registry("leakkit.data", "SOURCES"),
-    "text-data": _registry("leakkit.textdata", "TEXT_SOURCES"),
-    "decoders": _registry("leakkit.decoders", "TOKEN_DECODERS"),
-    "text-methods": _registry("leakkit.text_attack", "TEXT_METHODS"),
-    "defenses": _registry("leakkit.defenses", "DEFENSES"),
-    "backends": _registry("leakkit.audit", "BACKENDS"),
+    "objectives": _registry("leakkit.engine.objectives", "OBJECTIVES"),
+    "layer-weights": _registry("leakkit.engine.objectives", "LAYER_WEIGHTS"),
+    "labels": _registry("leakkit.engine.labels", "LABELS"),
+    "optimizers": _registry("leakkit.engine.optimizers", "OPTIMIZERS"),
+    "schedules": _registry("leakkit.engine.optimizers", "SCHEDULES"),
+    "priors": _registry("leakkit.engine.priors", "PRIORS"),
+    "data": _registry("leakkit.vision.data", "SOURCES"),
+    "text-data": _registry("leakkit.text.data", "TEXT_SOURCES"),
+    "decoders": _registry("leakkit.text.decoders", "TOKEN_DECODERS"),
+    "text-methods": _registry("leakkit.text.attack", "TEXT_METHODS"),
+    "defenses": _registry("leakkit.client.defenses", "DEFENSES"),
+    "backends": _registry("leakkit.audit.grid", "BACKENDS"),
 }
 
 
@@ -134,7 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _progress(args: argparse.Namespace, console: Any) -> Any:
     if args.quiet:
         return None
-    from leakkit.progress import RichProgress
+    from leakkit.run.progress import RichProgress
 
     return RichProgress(console)
 
@@ -153,8 +153,8 @@ def _with_defenses(overrides: list[str], defenses: list[str]) -> list[str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from leakkit.config import load_recipe
-    from leakkit.experiment import run_recipe
+    from leakkit.run.config import load_recipe
+    from leakkit.run.runner import run_recipe
 
     recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
     out = args.out or _default_out(args.recipe)
@@ -219,13 +219,13 @@ def _print_text_summary(console: Any, name: str, s: dict[str, Any], out: str) ->
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
-    from leakkit.config import load_recipe
-    from leakkit.experiment import build_task, client_update, load_samples, make_batches
+    from leakkit.run.config import load_recipe
+    from leakkit.run.runner import build_task, client_update, load_samples, make_batches
 
     recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
     bs = recipe.data.batch_size
     if recipe.task.name in ("masked-lm", "sequence-classification"):
-        from leakkit import text_experiment as te
+        from leakkit.run import text as te
 
         text_task = te.build_text(recipe, seed=args.seed)
         # the batches after the client's own are the other clients of the round (`clients:n`)
@@ -252,9 +252,9 @@ def cmd_observe(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from leakkit.config import load_recipe
-    from leakkit.experiment import attack_only
-    from leakkit.observation import Observation
+    from leakkit.run.config import load_recipe
+    from leakkit.run.runner import attack_only
+    from leakkit.client.observation import Observation
 
     from leakkit.errors import ConfigError
 
@@ -287,7 +287,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from leakkit.audit import AuditSpec, run_audit
+    from leakkit.audit.grid import AuditSpec, run_audit
 
     from leakkit.errors import ConfigError
 
@@ -307,7 +307,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             on_done=progress.advance if progress else None,
         )
     if not args.no_report:
-        from leakkit.report import write_report
+        from leakkit.audit.report import write_report
 
         write_report(out)
     if not args.quiet:
@@ -362,7 +362,7 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from leakkit.report import write_report
+    from leakkit.audit.report import write_report
 
     path = write_report(args.audit_dir)
     if not args.quiet:

@@ -263,7 +263,7 @@ class TextTask(Task):
 
     def prepare(self, observation: Any) -> "TextTask":
         """The attacker's view of the batch layout, read from the observation (no ground truth)."""
-        from leakkit import text_analytic
+        from leakkit.text import analytic as text_analytic
 
         return self.sharing(observation).with_layout(text_analytic.infer_layout(self, observation))
 

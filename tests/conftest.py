@@ -60,13 +60,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 def real_image(size: int = 16, index: int = 0) -> np.ndarray:
     """A real photo from the embedded source, resized: C x H x W float32 in [0, 1]."""
-    from leakkit.data import resize
+    from leakkit.vision.data import resize
 
     return resize(_embedded()[index].image, size, 3)
 
 
 @functools.lru_cache(maxsize=1)
 def _embedded() -> list:
-    from leakkit.data import SOURCES
+    from leakkit.vision.data import SOURCES
 
     return SOURCES.get("embedded")("")

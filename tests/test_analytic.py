@@ -3,10 +3,10 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from leakkit import analytic
-from leakkit.labels import LABELS
+from leakkit.engine import analytic
+from leakkit.engine.labels import LABELS
 from leakkit.tasks import ImageClassification
-from leakkit.victim import observe
+from leakkit.client.victim import observe
 from conftest import real_image
 
 

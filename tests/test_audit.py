@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from leakkit.audit import AuditSpec, collect, run_audit
+from leakkit.audit.grid import AuditSpec, collect, run_audit
 from leakkit.errors import InputError
-from leakkit.report import write_report
+from leakkit.audit.report import write_report
 from conftest import FAST, assert_one_line_error, run_cli
 
 # iDLG on a 16 px LeNet reaches ~40 dB in 60 steps; success is judged at 25 dB here
@@ -105,7 +105,7 @@ def test_cli_observe_with_defense_then_attack(tmp_path):
     f = tmp_path / "client.safetensors"
     proc = run_cli("observe", "dlg", *FAST, "--defense", "noise:std=1e-3", "--defense", "fp16", "--out", str(f))
     assert proc.returncode == 0, proc.stderr
-    from leakkit.observation import Observation
+    from leakkit.client.observation import Observation
 
     obs = Observation.load(f)
     assert [d["name"] for d in obs.extra["defenses"]] == ["noise", "fp16"]
@@ -120,7 +120,7 @@ def test_cli_observe_with_defense_then_attack(tmp_path):
 
 def test_plots_accept_wilson_bounds_a_rounding_error_inside_the_rate(tmp_path):
     from leakkit import metrics
-    from leakkit.report import plot_series, plot_success
+    from leakkit.audit.report import plot_series, plot_success
 
     # for 4/4 the Wilson upper bound is 0.9999999999999999, just below the rate
     rows = [{"label": f"s{k}", "success_rate": 1.0, "success_ci95": list(metrics.wilson_interval(4, 4)), "success_threshold": 40.0,

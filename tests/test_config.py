@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from leakkit.config import bundled_recipes, load_recipe, valid_keys
+from leakkit.run.config import bundled_recipes, load_recipe, valid_keys
 from leakkit.errors import ConfigError
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leakkit.data import SOURCES, draw, read_image, resize
+from leakkit.vision.data import SOURCES, draw, read_image, resize
 from leakkit.errors import InputError
 
 

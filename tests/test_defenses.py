@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from leakkit import defenses
-from leakkit.config import load_recipe
-from leakkit.defenses import ClientContext, parse_chain, sweep
+from leakkit.client import defenses
+from leakkit.run.config import load_recipe
+from leakkit.client.defenses import ClientContext, parse_chain, sweep
 from leakkit.errors import ConfigError
-from leakkit.observation import Observation
+from leakkit.client.observation import Observation
 from leakkit.tasks import ImageClassification
-from leakkit.victim import defend, observe, per_example_gradients
+from leakkit.client.victim import defend, observe, per_example_gradients
 from conftest import real_image
 
 
@@ -127,7 +127,7 @@ def test_fedavg_update_is_local_sgd_and_leaves_the_model_alone():
 
 def test_engine_recovers_an_image_from_a_fedavg_update():
     from leakkit import metrics
-    from leakkit.engine import AttackConfig, reconstruct
+    from leakkit.engine.matching import AttackConfig, reconstruct
 
     task, x, y, _ = _client(batch=1)
     upd = observe(task, x, y, local_steps=2, local_lr=0.05)
@@ -158,7 +158,7 @@ def test_defend_is_seeded_and_none_is_identity():
 
 def test_a_pruning_aware_attacker_beats_pruning_that_stops_a_naive_one():
     from leakkit import metrics
-    from leakkit.engine import AttackConfig, reconstruct
+    from leakkit.engine.matching import AttackConfig, reconstruct
 
     task, x, y, _ = _client(batch=1)
     pruned = defenses.apply(observe(task, x, y), "prune:ratio=0.3", _ctx())

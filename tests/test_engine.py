@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from leakkit import metrics
-from leakkit.engine import AttackConfig, reconstruct
+from leakkit.engine.matching import AttackConfig, reconstruct
 from leakkit.errors import AttackDiverged
 from leakkit.tasks import ImageClassification
-from leakkit.victim import observe
+from leakkit.client.victim import observe
 from conftest import real_image
 
 

@@ -5,8 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from leakkit.objectives import LAYER_WEIGHTS, OBJECTIVES, ObjectiveOptions, relative_distance
-from leakkit.priors import PRIORS
+from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, ObjectiveOptions, relative_distance
+from leakkit.engine.priors import PRIORS
 
 floats = st.floats(-10, 10, allow_nan=False, width=64)
 

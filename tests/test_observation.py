@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from leakkit.errors import InputError, ObservationMismatch
-from leakkit.observation import Observation
+from leakkit.client.observation import Observation
 from leakkit.tasks import ImageClassification
-from leakkit.victim import observe
+from leakkit.client.victim import observe
 from conftest import real_image
 
 

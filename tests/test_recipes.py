@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from leakkit.config import bundled_recipes, load_recipe
-from leakkit.experiment import Interrupted, run_recipe
+from leakkit.run.config import bundled_recipes, load_recipe
+from leakkit.run.runner import Interrupted, run_recipe
 
 
 @pytest.mark.parametrize("name", sorted(bundled_recipes()))

@@ -12,12 +12,12 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from leakkit import metrics
-from leakkit import text_analytic as ta
-from leakkit.decoders import TOKEN_DECODERS
-from leakkit.engine import AttackConfig
+from leakkit.text import analytic as ta
+from leakkit.text.decoders import TOKEN_DECODERS
+from leakkit.engine.matching import AttackConfig
 from leakkit.tasks.text import MaskedLanguageModeling, SequenceClassification, build_text_task
-from leakkit.text_attack import recover_text
-from leakkit.victim import observe
+from leakkit.text.attack import recover_text
+from leakkit.client.victim import observe
 
 COLA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" / "cola_dev.tsv"
 
@@ -27,7 +27,7 @@ def cola(n: int, start: int = 0) -> list[str]:
     if COLA.is_file():
         pool = [line.split("\t")[0] for line in COLA.read_text(encoding="utf-8").splitlines()]
     else:
-        from leakkit.textdata import embedded
+        from leakkit.text.data import embedded
 
         pool = [s.text for s in embedded()]
     return [pool[i % len(pool)] for i in range(start, start + n)]

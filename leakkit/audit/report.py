@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from leakkit.audit import AuditDir, Job, collect
+from leakkit.audit.grid import AuditDir, Job, collect
 
 MAX_GRIDS = 2
 MAX_DIFF_CHARS = 4000

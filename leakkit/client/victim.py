@@ -6,9 +6,9 @@ from typing import Callable
 
 import torch
 
-from leakkit import defenses
-from leakkit.defenses import ClientContext, Gradients
-from leakkit.observation import Observation, fingerprint
+from leakkit.client import defenses
+from leakkit.client.defenses import ClientContext, Gradients
+from leakkit.client.observation import Observation, fingerprint
 from leakkit.tasks.base import Task
 
 
@@ -81,7 +81,7 @@ def defend(
     per_example: Callable[[], list[Gradients]] | None = None,
     other_clients: Callable[[int], list[Observation]] | None = None,
 ) -> Observation:
-    """Apply the client's defense chain to its update (see `leakkit.defenses`).
+    """Apply the client's defense chain to its update (see `leakkit.client.defenses`).
 
     Args:
         observation: the undefended update from `observe`.

@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leakkit import text_analytic as ta
-from leakkit.decoders import TOKEN_DECODERS
-from leakkit.engine import AttackConfig, StepCallback, reconstruct
+from leakkit.text import analytic as ta
+from leakkit.text.decoders import TOKEN_DECODERS
+from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
 from leakkit.errors import ConfigError, InputError
-from leakkit.objectives import relative_distance
-from leakkit.observation import Observation
+from leakkit.engine.objectives import relative_distance
+from leakkit.client.observation import Observation
 from leakkit.registry import Registry
 from leakkit.tasks.text import MaskedLanguageModeling, TextLayout, TextTask
 

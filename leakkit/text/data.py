@@ -1,6 +1,6 @@
 """Text sources, by name: private sentences (with an optional class label) for text recipes.
 
-The embedded default is twenty sentences written for leakkit (leakkit/sentences.txt), so a text
+The embedded default is twenty sentences written for leakkit (leakkit/text/sentences.txt), so a text
 recipe runs with nothing downloaded; users bring their own text as a .txt (one sentence per
 line) or a .tsv (a sentence column and an optional integer label column, in either order).
 """
@@ -68,7 +68,7 @@ def tsv(path: str) -> list[TextSample]:
 
 @TEXT_SOURCES.register("embedded-text", description="20 sentences shipped with leakkit (no download)")
 def embedded(_path: str = "") -> list[TextSample]:
-    text = resources.files("leakkit").joinpath("sentences.txt").read_text(encoding="utf-8")
+    text = resources.files("leakkit.text").joinpath("sentences.txt").read_text(encoding="utf-8")
     return [TextSample(t, None, f"embedded:{k}") for k, t in enumerate(text.splitlines(), 1) if t.strip()]
 
 

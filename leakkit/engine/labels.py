@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from leakkit import analytic
+from leakkit.engine import analytic
 from leakkit.errors import ConfigError
-from leakkit.observation import Observation
+from leakkit.client.observation import Observation
 from leakkit.registry import Registry
 from leakkit.tasks.base import Task
 

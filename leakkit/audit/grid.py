@@ -35,11 +35,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from leakkit import metrics
-from leakkit.config import Recipe, load_recipe
-from leakkit.defenses import strength, sweep
+from leakkit.run.config import Recipe, load_recipe
+from leakkit.client.defenses import strength, sweep
 from leakkit.errors import ConfigError, InputError, LeakkitError
 from leakkit.registry import Registry
-from leakkit.runs import provenance, write_json
+from leakkit.run.rundir import provenance, write_json
 
 TEXT_TASKS = ("masked-lm", "sequence-classification")
 AUDIT_VERSION = 1
@@ -138,10 +138,10 @@ def plan(spec: AuditSpec) -> tuple[Recipe, list[Setting]]:
 
 def _count_input(path: str | None, recipe: Recipe) -> int:
     if recipe.task.name in TEXT_TASKS:
-        from leakkit.textdata import read_input
+        from leakkit.text.data import read_input
 
         return len(read_input(path))
-    from leakkit.data import SOURCES
+    from leakkit.vision.data import SOURCES
 
     return len(SOURCES.get("files")(path))
 
@@ -166,7 +166,7 @@ def _slug(text: str) -> str:
 
 
 def _utility_key(recipe: Recipe) -> str | None:
-    from leakkit.utility import UTILITY
+    from leakkit.audit.utility import UTILITY
 
     if recipe.task.name not in UTILITY:
         return None
@@ -185,11 +185,11 @@ def run_job(spec: dict[str, Any], setting: dict[str, Any], job: dict[str, Any]) 
     recipe = a.resolve(a.recipe, [*s.grid, f"defense={s.defense}"])
     _maybe_fault(job)
     if job["kind"] == "utility":
-        from leakkit.utility import measure_utility
+        from leakkit.audit.utility import measure_utility
 
         result = measure_utility(recipe, seed=a.seed)
         return {"utility.json": json.dumps(result).encode()}
-    from leakkit.experiment import run_recipe
+    from leakkit.run.runner import run_recipe
 
     with tempfile.TemporaryDirectory(prefix="leakkit-cell-") as tmp:
         run_recipe(recipe, out=tmp, input_path=a.input, samples=a.samples, seed=a.seed, device=a.device, only_batches=[job["batch"]])
@@ -224,7 +224,7 @@ BACKENDS: Registry[Backend] = Registry("backend")
 
 @BACKENDS.register("local", description="run cells one after another in this process (default; no Ray needed)")
 def _local(spec: AuditSpec, settings: dict[str, Setting], jobs: list[Job], done: Done, options: dict[str, Any]) -> None:
-    from leakkit.experiment import Interrupted
+    from leakkit.run.runner import Interrupted
 
     for job in jobs:
         try:
@@ -376,7 +376,7 @@ def run_audit(
     try:
         run_backend(spec, job_settings, todo, done, backend_options or {})
     except KeyboardInterrupt:
-        from leakkit.experiment import Interrupted
+        from leakkit.run.runner import Interrupted
 
         raise Interrupted(f"audit interrupted: {count} of {len(jobs)} cells are finished and saved in {out}; --resume finishes it") from None
     finally:

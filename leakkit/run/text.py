@@ -18,16 +18,16 @@ import numpy as np
 import torch
 
 from leakkit import metrics
-from leakkit.config import Recipe
-from leakkit.engine import StepCallback
+from leakkit.run.config import Recipe
+from leakkit.engine.matching import StepCallback
 from leakkit.errors import AttackDiverged, InputError
-from leakkit.experiment import Interrupted, check_device
-from leakkit.observation import Observation
-from leakkit.runs import RunDir, provenance
+from leakkit.run.runner import Interrupted, check_device
+from leakkit.client.observation import Observation
+from leakkit.run.rundir import RunDir, provenance
 from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
-from leakkit.text_attack import TextRecovery, recover_text
-from leakkit.textdata import TextSample, draw_text, read_input
-from leakkit.victim import defend, observe, per_example_gradients
+from leakkit.text.attack import TextRecovery, recover_text
+from leakkit.text.data import TextSample, draw_text, read_input
+from leakkit.client.victim import defend, observe, per_example_gradients
 
 TEXT_TASKS = ("masked-lm", "sequence-classification")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from leakkit.engine import StepEvent
+from leakkit.engine.matching import StepEvent
 
 
 class RichProgress:

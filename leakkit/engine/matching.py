@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from leakkit.errors import AttackDiverged, ConfigError
-from leakkit.labels import LABELS
-from leakkit.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
-from leakkit.observation import Observation
-from leakkit.optimizers import OPTIMIZERS, SCHEDULES
-from leakkit.priors import PRIORS, Prior
+from leakkit.engine.labels import LABELS
+from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
+from leakkit.client.observation import Observation
+from leakkit.engine.optimizers import OPTIMIZERS, SCHEDULES
+from leakkit.engine.priors import PRIORS, Prior
 from leakkit.tasks.base import Task
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -95,7 +95,7 @@ class AttackConfig:
             raise ConfigError("attack.lr must be a positive number")
         if self.feature_weight < 0:
             raise ConfigError("attack.feature_weight must be 0 (off) or positive")
-        from leakkit.decoders import TOKEN_DECODERS
+        from leakkit.text.decoders import TOKEN_DECODERS
 
         TOKEN_DECODERS.get(self.decoder)
         if self.method not in ("match", "exact"):
@@ -359,7 +359,7 @@ def _feature_targets(
     None (with a warning) when the solve cannot fit the gradient: then the labels are wrong and
     the targets would pull every example away from the truth.
     """
-    from leakkit import analytic
+    from leakkit.engine import analytic
 
     w_name, b_name = task.classifier_parameter_names()
     if b_name is None:

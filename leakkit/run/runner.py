@@ -17,16 +17,16 @@ import numpy as np
 import torch
 
 from leakkit import metrics
-from leakkit.config import Recipe
-from leakkit.data import SOURCES, Sample, draw, resize
-from leakkit.decoders import grid, to_uint8_images
-from leakkit.engine import Recovery, StepCallback, reconstruct
+from leakkit.run.config import Recipe
+from leakkit.vision.data import SOURCES, Sample, draw, resize
+from leakkit.vision.pictures import grid, to_uint8_images
+from leakkit.engine.matching import Recovery, StepCallback, reconstruct
 from leakkit.errors import AttackDiverged, InputError, LeakkitError
-from leakkit.observation import Observation
+from leakkit.client.observation import Observation
 from leakkit.registry import Registry
-from leakkit.runs import RunDir, provenance
+from leakkit.run.rundir import RunDir, provenance
 from leakkit.tasks import TASKS, Task
-from leakkit.victim import defend, observe, per_example_gradients
+from leakkit.client.victim import defend, observe, per_example_gradients
 
 
 class Interrupted(LeakkitError):
@@ -349,7 +349,7 @@ class Runner:
 def _text(attr: str) -> Callable[..., dict[str, Any]]:
     # text runs import transformers models; deferred so image runs never pay for it
     def call(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        from leakkit import text_experiment
+        from leakkit.run import text as text_experiment
 
         return getattr(text_experiment, attr)(*args, **kwargs)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from leakkit.errors import InputError
-from leakkit.observation import Observation
+from leakkit.client.observation import Observation
 
 # Relative residual below which a vector counts as inside a gradient's input span. Float32
 # gradients put true members near 1e-6; non-members sit near 1.

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from leakkit.engine import AttackConfig
+from leakkit.engine.matching import AttackConfig
 from leakkit.errors import ConfigError
 
 
@@ -111,7 +111,7 @@ class Recipe:
             raise ConfigError("client.local_steps must be at least 1 and client.local_batch 0 (all) or positive")
         if not (self.client.local_lr > 0 and math.isfinite(self.client.local_lr)):
             raise ConfigError("client.local_lr must be a positive number")
-        from leakkit.defenses import format_chain, parse_chain
+        from leakkit.client.defenses import format_chain, parse_chain
 
         self.defense = format_chain(parse_chain(self.defense))
 
@@ -208,7 +208,7 @@ def apply_override(recipe: Recipe, item: str) -> None:
 def _override_defense(recipe: Recipe, keys: list[str], value: str) -> None:
     """`defense=prune` (or a whole chain) replaces the defense; `defense.ratio=0.3` sets a
     parameter of its last step."""
-    from leakkit.defenses import parse_chain
+    from leakkit.client.defenses import parse_chain
 
     if not keys:
         recipe.defense = value

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from leakkit.errors import ConfigError
-from leakkit.observation import Observation
+from leakkit.client.observation import Observation
 from leakkit.registry import Registry
 
 Gradients = dict[str, torch.Tensor]

@@ -12,9 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from leakkit.config import Recipe
+from leakkit.run.config import Recipe
 from leakkit.registry import Registry
-from leakkit.victim import defend, observe, per_example_gradients
+from leakkit.client.victim import defend, observe, per_example_gradients
 
 UtilityFn = Callable[[Recipe, int], dict[str, Any]]
 UTILITY: Registry[UtilityFn] = Registry("utility task")
@@ -32,7 +32,7 @@ MOMENTUM = 0.9
 def digits_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
     from sklearn.datasets import load_digits
 
-    from leakkit.data import resize
+    from leakkit.vision.data import resize
     from leakkit.tasks import TASKS
 
     t = recipe.task

@@ -1,0 +1,1 @@
+"""The image modality: image data sources (and, later, image-specific attacks)."""
