@@ -1,6 +1,6 @@
 """Text benchmark: sentences from BERT gradients on CoLA, SST-2 and Rotten Tomatoes.
 
-Every row runs a bundled recipe through `leakkit.run.text.run_text_recipe` (the same code
+Every row runs a bundled recipe through `leakkit.run.runner.run_recipe` (the same code
 path as `leakkit run`) on the first N sentences of a data set in ../shared/data/text and reports
 mean ROUGE-1/2, exact-sentence rate with a 95 % Wilson interval, and seconds per batch.
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from leakkit.run.config import load_recipe
 from leakkit.run.rundir import provenance, write_json
-from leakkit.run.text import run_text_recipe
+from leakkit.run.runner import run_recipe
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text"
 FILES = {"cola": "cola_dev.tsv", "sst2": "sst2_dev.tsv", "rt": "mr_dev.tsv"}
@@ -75,7 +75,7 @@ def run_row(name: str, n: int | None, seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         started = time.perf_counter()
-        result = run_text_recipe(r, out=out, input_path=str(DATA / FILES[data]), samples=n or default, seed=seed)
+        result = run_recipe(r, out=out, input_path=str(DATA / FILES[data]), samples=n or default, seed=seed)
         wall = time.perf_counter() - started
     s = result["summary"]
     return {

@@ -27,7 +27,7 @@ import torch
 from leakkit import metrics
 from leakkit.run.config import load_recipe
 from leakkit.engine.matching import StepEvent, reconstruct
-from leakkit.run.runner import build_task, load_samples, make_batches, score_images
+from leakkit.run.vision import build_task, load_samples, make_batches, score_images
 from leakkit.run.rundir import provenance, write_json
 from leakkit.client.victim import observe
 

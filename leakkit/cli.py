@@ -44,7 +44,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     att = sub.add_parser("attack", help="attacker side: recover inputs from a saved gradient file")
     common(att, optional_recipe=True)
-    att.add_argument("--task", help="attack a captured update of this task (masked-lm, sequence-classification) with the bert-exact recipe")
+    att.add_argument("--task", help="attack a captured update of this text task (see `leakkit list tasks`) with the bert-exact recipe")
     att.add_argument("--model", help="the model the update came from (directory, cached hub id, or minilm); same as model=...")
     att.add_argument("--gradients", required=True, help="a .safetensors file written by `leakkit observe`")
     att.add_argument("--out", help="run directory (default runs/RECIPE-attack-TIMESTAMP)")
@@ -78,6 +78,12 @@ def _catalogue_recipes() -> list[tuple[str, str]]:
     return [(name, load_recipe(name).description) for name in sorted(bundled_recipes())]
 
 
+def _catalogue_attacks() -> list[tuple[str, str]]:
+    from leakkit.run.attacks import describe
+
+    return describe()
+
+
 def _registry(module: str, attr: str) -> Callable[[], list[tuple[str, str]]]:
     def rows() -> list[tuple[str, str]]:
         import importlib
@@ -100,7 +106,7 @@ _CATALOGUES: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "data": _registry("leakkit.vision.data", "SOURCES"),
     "text-data": _registry("leakkit.text.data", "TEXT_SOURCES"),
     "decoders": _registry("leakkit.text.decoders", "TOKEN_DECODERS"),
-    "text-methods": _registry("leakkit.text.attack", "TEXT_METHODS"),
+    "attacks": _catalogue_attacks,
     "defenses": _registry("leakkit.client.defenses", "DEFENSES"),
     "backends": _registry("leakkit.audit.grid", "BACKENDS"),
 }
@@ -113,6 +119,7 @@ def _console(stderr: bool = False) -> Any:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from leakkit.errors import ConfigError
@@ -125,7 +132,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_column("name", style="bold cyan", no_wrap=True)
         table.add_column("description")
         for name, desc in _CATALOGUES[what]():
-            table.add_row(name, desc)
+            table.add_row(escape(name), escape(desc))
         console.print(table)
         console.print()
     return 0
@@ -220,29 +227,10 @@ def _print_text_summary(console: Any, name: str, s: dict[str, Any], out: str) ->
 
 def cmd_observe(args: argparse.Namespace) -> int:
     from leakkit.run.config import load_recipe
-    from leakkit.run.runner import build_task, client_update, load_samples, make_batches
+    from leakkit.run.runner import observe_recipe
 
     recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
-    bs = recipe.data.batch_size
-    if recipe.task.name in ("masked-lm", "sequence-classification"):
-        from leakkit.run import text as te
-
-        text_task = te.build_text(recipe, seed=args.seed)
-        # the batches after the client's own are the other clients of the round (`clients:n`)
-        pool = te.load_text_samples(recipe, input_path=args.input, samples=None if args.input else bs * 64)
-        count = -(-len(pool) // bs)
-
-        def batch(j: int) -> Any:  # tokenised only when used: other clients exist only for `clients:n`
-            k = (j % count) * bs
-            return te.make_text_batch(text_task, pool[k : k + bs], seed=args.seed + j % count)
-
-        observation = te.client_update(text_task, batch(0), recipe, seed=args.seed, other_batches=lambda n: [batch(j) for j in range(1, n + 1)])
-    else:
-        task = build_task(recipe, seed=args.seed)
-        pool = load_samples(recipe, input_path=args.input, samples=bs, seed=args.seed)
-        batch = make_batches(recipe, pool, seed=args.seed)[0]
-        observation = client_update(task, recipe, batch, seed=args.seed)
-    observation.extra.update({"recipe": recipe.name, "model_seed": args.seed, "defense": recipe.defense})
+    observation = observe_recipe(recipe, input_path=args.input, seed=args.seed)
     path = observation.save(args.out)
     if not args.quiet:
         kind = "weight difference" if observation.extra.get("fedavg") else "gradient"
@@ -252,11 +240,11 @@ def cmd_observe(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    from leakkit.client.observation import Observation
+    from leakkit.errors import ConfigError
     from leakkit.run.config import load_recipe
     from leakkit.run.runner import attack_only
-    from leakkit.client.observation import Observation
-
-    from leakkit.errors import ConfigError
+    from leakkit.tasks import tasks_of
 
     overrides = list(args.overrides)
     if args.task:
@@ -265,8 +253,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         overrides.insert(0, f"task.model={args.model}")
     if args.recipe is None and not args.task:
         raise ConfigError("name a recipe, or the task of a captured update with --task")
-    if args.task and args.task not in ("masked-lm", "sequence-classification"):
-        raise ConfigError(f"--task must be masked-lm or sequence-classification, got {args.task!r}")
+    if args.task and args.task not in tasks_of("text"):
+        raise ConfigError(f"--task must be one of {', '.join(tasks_of('text'))}, got {args.task!r}")
     name = args.recipe or "bert-exact"
     recipe = load_recipe(name, overrides)
     observation = Observation.load(args.gradients)

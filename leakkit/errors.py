@@ -23,3 +23,9 @@ class AttackDiverged(LeakkitError):
     """Every restart of an attack ended in NaN or infinity."""
 
     exit_code = 3
+
+
+class Interrupted(LeakkitError):
+    """The user stopped a run or an audit; what was finished has been saved."""
+
+    exit_code = 130

@@ -2,10 +2,14 @@
 
 Installed as `leakkit.tasks`, so research code can do
 `from leakkit.tasks import ImageClassification`.
+
+This is also the one home of the facts other layers ask about a task: its modality (image or
+text), the metric that scores a recovery, and that metric's default success threshold.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from leakkit.registry import Registry
@@ -13,27 +17,76 @@ from leakkit.tasks.base import Task
 from leakkit.tasks.models import MODELS, build_model, torchvision_available
 from leakkit.tasks.vision import ImageClassification
 
+
+@dataclass(frozen=True)
+class Modality:
+    """What kind of data a task's inputs are, and how a recovery of it is judged.
+
+    name: "image" or "text"; unit: what one example is called in messages;
+    score: the per-example metric that decides success; threshold: its default success value
+    (a recipe's `[metrics]` may change it).
+    """
+
+    name: str
+    unit: str
+    score: str
+    threshold: float
+
+
+MODALITIES: dict[str, Modality] = {
+    "image": Modality("image", "image", "psnr", 40.0),
+    "text": Modality("text", "sentence", "rouge1", 0.9),
+}
+
 TaskBuilder = Callable[..., Task]
 TASKS: Registry[TaskBuilder] = Registry("task")
+_TASK_MODALITY: dict[str, str] = {}
 
 
-@TASKS.register("image-classification", description="image classifier; attack searches normalised pixels")
+def register_task(name: str, *, modality: str, description: str) -> Callable[[TaskBuilder], TaskBuilder]:
+    """Register a task builder under `name`, of a modality in MODALITIES."""
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}")
+
+    def add(builder: TaskBuilder) -> TaskBuilder:
+        TASKS.register(name, description=description)(builder)
+        _TASK_MODALITY[name] = modality
+        return builder
+
+    return add
+
+
+def modality_of(task_name: str) -> Modality:
+    """The modality of a registered task; ConfigError listing the valid tasks otherwise."""
+    TASKS.get(task_name)
+    return MODALITIES[_TASK_MODALITY[task_name]]
+
+
+def tasks_of(modality: str) -> list[str]:
+    """Names of the registered tasks of one modality, sorted."""
+    return sorted(n for n, m in _TASK_MODALITY.items() if m == modality)
+
+
+@register_task("image-classification", modality="image", description="image classifier; attack searches normalised pixels")
 def _image_classification(**options: Any) -> Task:
     return ImageClassification.from_name(**options)
 
 
-@TASKS.register("masked-lm", description="BERT-style masked LM; attack searches word-embedding space")
+@register_task("masked-lm", modality="text", description="BERT-style masked LM; attack searches word-embedding space")
 def _masked_lm(**options: Any) -> Task:
     from leakkit.tasks.text import build_text_task
 
     return build_text_task("masked-lm", **options)
 
 
-@TASKS.register("sequence-classification", description="BERT-style sentence classifier (TAG/LAMP setting)")
+@register_task("sequence-classification", modality="text", description="BERT-style sentence classifier (TAG/LAMP setting)")
 def _sequence_classification(**options: Any) -> Task:
     from leakkit.tasks.text import build_text_task
 
     return build_text_task("sequence-classification", **options)
 
 
-__all__ = ["Task", "ImageClassification", "TASKS", "MODELS", "build_model", "torchvision_available"]
+__all__ = [
+    "Task", "ImageClassification", "TASKS", "MODELS", "MODALITIES", "Modality", "build_model",
+    "modality_of", "register_task", "tasks_of", "torchvision_available",
+]

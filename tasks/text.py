@@ -152,6 +152,7 @@ class TextTask(Task):
             limit -= 2  # RoBERTa numbers positions from padding_idx + 1
         self.max_length = min(max_length or limit, limit)
         self.layout = TextLayout(lengths=[2])
+        self.layout_known = False
         self.hidden = model.get_input_embeddings().embedding_dim
         self.input_shape = (self.layout.seq_len, self.hidden)
         self.notes: list[str] = []
@@ -162,6 +163,7 @@ class TextTask(Task):
         """A shallow copy of this task for batches shaped like `layout`."""
         clone = copy.copy(self)
         clone.layout = layout
+        clone.layout_known = True
         clone.input_shape = (layout.seq_len, self.hidden)
         return clone
 
@@ -262,10 +264,12 @@ class TextTask(Task):
         return inputs
 
     def prepare(self, observation: Any) -> "TextTask":
-        """The attacker's view of the batch layout, read from the observation (no ground truth)."""
-        from leakkit.text import analytic as text_analytic
-
-        return self.sharing(observation).with_layout(text_analytic.infer_layout(self, observation))
+        """The task as the attacker matches it: which gradients were shared. The batch layout must
+        already be set (`with_layout`): the text attacks read it off the observation first."""
+        if not self.layout_known:
+            raise ConfigError("a text task needs its batch layout before matching: attack it with "
+                              "leakkit.text.attack.recover_text, or set task.with_layout(...) first")
+        return self.sharing(observation)
 
 
 class MaskedLanguageModeling(TextTask):

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from leakkit.run.config import bundled_recipes, load_recipe
-from leakkit.run.runner import Interrupted, run_recipe
+from leakkit.errors import Interrupted
+from leakkit.run.runner import run_recipe
 
 
 @pytest.mark.parametrize("name", sorted(bundled_recipes()))

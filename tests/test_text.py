@@ -16,7 +16,7 @@ from leakkit.text import analytic as ta
 from leakkit.text.decoders import TOKEN_DECODERS
 from leakkit.engine.matching import AttackConfig
 from leakkit.tasks.text import MaskedLanguageModeling, SequenceClassification, build_text_task
-from leakkit.text.attack import recover_text
+from leakkit.text.attack import TextAttackSettings, exact, match
 from leakkit.client.victim import observe
 
 COLA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text" / "cola_dev.tsv"
@@ -175,7 +175,7 @@ def test_label_counts_from_bias_gradient() -> None:
 def test_exact_masked_lm_recovers_sentence_and_labels(mlm_dir: Path, seed: int) -> None:
     task = _task("masked-lm", mlm_dir)
     batch, obs = _observe_mlm(task, cola(1, 20 + seed), seed=seed)
-    rec = recover_text(task, obs, AttackConfig(method="exact"))
+    rec = exact(task, obs)
     assert rec.status == "exact" and rec.distance < 1e-5
     assert torch.equal(rec.input_ids, batch.input_ids)
     assert torch.equal(rec.labels, batch.labels)
@@ -189,7 +189,7 @@ def test_exact_classification_batch_is_split_into_sentences(cls_dir: Path) -> No
     b = task.make_batch(sentences, [0, 1])
     assert sum(b.layout.lengths) < 64
     obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
-    rec = recover_text(task, obs, AttackConfig(method="exact"))
+    rec = exact(task, obs)
     got = sorted(zip([task.decode(t) for t in rec.token_ids], rec.labels.tolist()))
     want = sorted(zip([task.decode(b.originals[i, :L].tolist()) for i, L in enumerate(b.layout.lengths)], [0, 1]))
     assert got == want
@@ -200,7 +200,7 @@ def test_exact_with_withheld_word_embeddings(mlm_dir: Path) -> None:
     batch, obs = _observe_mlm(task, cola(1, 40))
     for name in (task.word_embedding_name(), task.position_embedding_name()):
         del obs.gradients[name]
-    rec = recover_text(task, obs, AttackConfig(method="exact"))
+    rec = exact(task, obs)
     assert any("withheld" in n for n in rec.notes)
     assert rec.token_ids == [batch.originals[0].tolist()]
 
@@ -209,9 +209,9 @@ def test_matching_method_runs_and_decodes(cls_dir: Path) -> None:
     task = _task("sequence-classification", cls_dir)
     b = task.make_batch(cola(1, 50), [1])
     obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
-    attack = AttackConfig(method="match", objective="cosine", optimizer="adam", lr=0.05, steps=15, labels="idlg",
-                          init="gaussian", restarts=1, patience=0, restrict_tokens=True, discrete_steps=10, priors={"embedding-norm": 0.1})
-    rec = recover_text(task, obs, attack)
+    attack = AttackConfig(objective="cosine", optimizer="adam", lr=0.05, steps=15, labels="idlg",
+                          init="gaussian", restarts=1, patience=0, priors={"embedding-norm": 0.1})
+    rec = match(task, obs, attack, TextAttackSettings(restrict_tokens=True, discrete_steps=10))
     assert rec.input_ids.shape == b.input_ids.shape
     assert rec.labels.tolist() == [1]
     leaked = set(b.input_ids[0].tolist())

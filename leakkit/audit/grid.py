@@ -37,11 +37,11 @@ import numpy as np
 from leakkit import metrics
 from leakkit.run.config import Recipe, load_recipe
 from leakkit.client.defenses import strength, sweep
-from leakkit.errors import ConfigError, InputError, LeakkitError
+from leakkit.errors import ConfigError, InputError, Interrupted, LeakkitError
 from leakkit.registry import Registry
 from leakkit.run.rundir import provenance, write_json
+from leakkit.tasks import modality_of
 
-TEXT_TASKS = ("masked-lm", "sequence-classification")
 AUDIT_VERSION = 1
 
 
@@ -137,13 +137,9 @@ def plan(spec: AuditSpec) -> tuple[Recipe, list[Setting]]:
 
 
 def _count_input(path: str | None, recipe: Recipe) -> int:
-    if recipe.task.name in TEXT_TASKS:
-        from leakkit.text.data import read_input
+    from leakkit.run.runner import hooks_for
 
-        return len(read_input(path))
-    from leakkit.vision.data import SOURCES
-
-    return len(SOURCES.get("files")(path))
+    return hooks_for(recipe).count_input(path)
 
 
 def _series(combo: list[str], chain: str, many_combos: bool, many_chains: bool) -> tuple[str, float | None]:
@@ -224,8 +220,6 @@ BACKENDS: Registry[Backend] = Registry("backend")
 
 @BACKENDS.register("local", description="run cells one after another in this process (default; no Ray needed)")
 def _local(spec: AuditSpec, settings: dict[str, Setting], jobs: list[Job], done: Done, options: dict[str, Any]) -> None:
-    from leakkit.run.runner import Interrupted
-
     for job in jobs:
         try:
             result: dict[str, bytes] | BaseException = run_job(asdict(spec), asdict(settings[job.setting]), asdict(job))
@@ -376,8 +370,6 @@ def run_audit(
     try:
         run_backend(spec, job_settings, todo, done, backend_options or {})
     except KeyboardInterrupt:
-        from leakkit.run.runner import Interrupted
-
         raise Interrupted(f"audit interrupted: {count} of {len(jobs)} cells are finished and saved in {out}; --resume finishes it") from None
     finally:
         summary = collect(adir.path)
@@ -412,7 +404,6 @@ def collect(path: str | Path) -> dict[str, Any]:
     out = []
     for s in settings:
         recipe = spec.resolve(spec.recipe, [*s.grid, f"defense={s.defense}"])
-        text = recipe.task.name in TEXT_TASKS
         rows: list[dict[str, Any]] = []
         for b in range(s.batches):
             f = adir.cell(Job("cell", s.id, b)) / "metrics.json"
@@ -422,7 +413,7 @@ def collect(path: str | Path) -> dict[str, Any]:
         if s.utility_key:
             uf = adir.cell(Job("utility", s.utility_key)) / "utility.json"
             util = json.loads(uf.read_text(encoding="utf-8")) if uf.is_file() else None
-        summary = summarize_setting(rows, recipe, text=text)
+        summary = summarize_setting(rows, recipe)
         summary.update({"setting": s.id, "label": s.label, "series": s.series, "strength": s.strength, "defense": s.defense,
                         "grid": s.grid, "batches_done": len({r["batch"] for r in rows}), "batches": s.batches,
                         "utility_accuracy": util["accuracy"] if util else None, "utility": util})
@@ -434,9 +425,14 @@ def collect(path: str | Path) -> dict[str, Any]:
     return {"recipe": spec.recipe, "spec": record["spec"], "settings": out}
 
 
-def summarize_setting(rows: list[dict[str, Any]], recipe: Recipe, *, text: bool) -> dict[str, Any]:
-    """Success rate with its 95 % Wilson interval, score quantiles, label accuracy, attacker time."""
-    score, threshold = ("rouge1", recipe.metrics.success_rouge1) if text else ("psnr", recipe.metrics.success_psnr)
+def summarize_setting(rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, Any]:
+    """Success rate with its 95 % Wilson interval, score quantiles, label accuracy, attacker time.
+
+    The score and its threshold are the task's modality's (`leakkit.tasks.MODALITIES`), as the recipe sets them.
+    """
+    modality = modality_of(recipe.task.name)
+    score, threshold = modality.score, recipe.metrics.threshold(modality.score)
+    text = modality.name == "text"
     n = len(rows)
     values = [float(r[score]) for r in rows if r.get(score) is not None]
     ok = sum(1 for r in rows if r.get(score) is not None and r[score] >= threshold)

@@ -31,7 +31,7 @@ FEATURE_RESIDUAL_LIMIT = 1e-6
 
 @dataclass
 class AttackConfig:
-    """Everything the attacker chooses. Field names are the recipe's `[attack]` keys.
+    """What the matching engine reads. Field names are keys of the recipe's `[attack]` table.
 
     objective: name in OBJECTIVES; l1_weight: TAG's L1 weight; layer_weights: name in LAYER_WEIGHTS.
     optimizer: name in OPTIMIZERS; lr; steps: optimizer steps per restart; inner_steps: L-BFGS
@@ -41,9 +41,6 @@ class AttackConfig:
     feature_weight: weight of matching each example's output-layer input to the values solved from
     the output layer's gradient (`analytic.linear_layer_inputs`); 0 = off. Batches need fixed labels;
     for batch size 1 the solve is exact and label-free.
-    method (text tasks): "match" (this engine, then decoding) or "exact" (analytic leaks);
-    decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
-    word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off).
     ignore_zeros: match only the entries the update does not hold as exactly 0 (an attacker who
     knows the client prunes or sparsifies).
     restarts: independent starts, best kept by gradient distance; stop_distance: a restart ends
@@ -69,10 +66,6 @@ class AttackConfig:
     stop_distance: float = 1e-12
     patience: int = 50
     precision: str = "float64"
-    method: str = "match"
-    decoder: str = "cosine"
-    restrict_tokens: bool = False
-    discrete_steps: int = 0
     ignore_zeros: bool = False
 
     def validate(self) -> None:
@@ -95,13 +88,6 @@ class AttackConfig:
             raise ConfigError("attack.lr must be a positive number")
         if self.feature_weight < 0:
             raise ConfigError("attack.feature_weight must be 0 (off) or positive")
-        from leakkit.text.decoders import TOKEN_DECODERS
-
-        TOKEN_DECODERS.get(self.decoder)
-        if self.method not in ("match", "exact"):
-            raise ConfigError(f"attack.method must be 'match' or 'exact', got {self.method!r}")
-        if self.discrete_steps < 0:
-            raise ConfigError("attack.discrete_steps must be 0 (off) or positive")
         if self.patience < 0:
             raise ConfigError("attack.patience must be 0 (off) or positive")
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from leakkit.engine.matching import AttackConfig
 from leakkit.errors import ConfigError
+from leakkit.tasks import MODALITIES, modality_of
+from leakkit.text.attack import TextAttackSettings
 
 
 @dataclass
@@ -62,10 +64,21 @@ class ClientSpec:
 @dataclass
 class MetricsSpec:
     """`[metrics]`: success_psnr is the PSNR (dB) at which an image counts as recovered;
-    success_rouge1 the ROUGE-1 at which a sentence does."""
+    success_rouge1 the ROUGE-1 at which a sentence does (defaults: the tasks' modalities)."""
 
-    success_psnr: float = 40.0
-    success_rouge1: float = 0.9
+    success_psnr: float = MODALITIES["image"].threshold
+    success_rouge1: float = MODALITIES["text"].threshold
+
+    def threshold(self, score: str) -> float:
+        """The success threshold of a modality's score ("psnr", "rouge1")."""
+        return float(getattr(self, f"success_{score}"))
+
+
+@dataclass
+class AttackChoice:
+    """`[attack] method`: which attack family runs (a name in `leakkit list attacks`)."""
+
+    method: str = "match"
 
 
 @dataclass
@@ -78,16 +91,30 @@ class Recipe:
     task: TaskSpec = field(default_factory=TaskSpec)
     data: DataSpec = field(default_factory=DataSpec)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    choice: AttackChoice = field(default_factory=AttackChoice)
+    text: TextAttackSettings = field(default_factory=TextAttackSettings)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
     defense: str = "none"
 
+    @property
+    def method(self) -> str:
+        """The attack family this recipe runs."""
+        return self.choice.method
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe as a recipe file spells it: every `[attack]` key in one table."""
+        out = dataclasses.asdict(self)
+        attack = {**out.pop("attack"), **out.pop("choice"), **out.pop("text")}
+        return {**out, "attack": attack}
 
     def validate(self) -> None:
         """Raise ConfigError for values no run could use."""
+        from leakkit.run.attacks import attack_for
+
         self.attack.validate()
+        self.text.validate()
+        attack_for(self.choice.method, modality_of(self.task.name).name)
         if self.data.batch_size < 1:
             raise ConfigError("data.batch_size must be at least 1")
         if self.data.samples < 1:
@@ -116,8 +143,10 @@ class Recipe:
         self.defense = format_chain(parse_chain(self.defense))
 
 
-SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "metrics": MetricsSpec, "client": ClientSpec}
+SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "text": TextAttackSettings, "metrics": MetricsSpec, "client": ClientSpec}
 TOP_LEVEL = {"description", "citation", "defense"}
+# `[attack]` keys are read by three concerns: the engine, the choice of attack family, the text attacks.
+ATTACK_PARTS = {"attack": AttackConfig, "choice": AttackChoice, "text": TextAttackSettings}
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -172,15 +201,24 @@ def _from_dict(name: str, raw: dict[str, Any], *, where: str) -> Recipe:
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")
-        target = getattr(recipe, section)
         for key, value in table.items():
-            _set(target, section, key, value, from_text=False)
+            _set(_section_of(recipe, section, key), section, key, value, from_text=False)
     return recipe
+
+
+def _section_of(recipe: Recipe, section: str, key: str) -> Any:
+    """The dataclass that holds `section.key` (an `[attack]` key may belong to another concern)."""
+    if section == "attack":
+        for part in ATTACK_PARTS:
+            if key in {f.name for f in dataclasses.fields(ATTACK_PARTS[part])}:
+                return getattr(recipe, part)
+    return getattr(recipe, section)
 
 
 def valid_keys() -> list[str]:
     """Every `section.key` an override may name."""
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() if s != "text" for f in dataclasses.fields(cls)]
+    return keys + [f"attack.{f.name}" for part in ("choice", "text") for f in dataclasses.fields(ATTACK_PARTS[part])]
 
 
 def apply_override(recipe: Recipe, item: str) -> None:
@@ -196,13 +234,12 @@ def apply_override(recipe: Recipe, item: str) -> None:
         return
     if parts[0] not in SECTIONS or len(parts) < 2:
         raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
-    target = getattr(recipe, parts[0])
     if len(parts) == 3 and parts[0] == "attack" and parts[1] == "priors":
         recipe.attack.priors[parts[2]] = _coerce(float, value, key, from_text=True)
         return
     if len(parts) != 2:
         raise ConfigError(f"unknown key {key!r}; valid: {', '.join(valid_keys())}")
-    _set(target, parts[0], parts[1], value.strip(), from_text=True)
+    _set(_section_of(recipe, parts[0], parts[1]), parts[0], parts[1], value.strip(), from_text=True)
 
 
 def _override_defense(recipe: Recipe, keys: list[str], value: str) -> None:
@@ -228,7 +265,8 @@ def _override_defense(recipe: Recipe, keys: list[str], value: str) -> None:
 def _set(target: Any, section: str, key: str, value: Any, *, from_text: bool) -> None:
     hints = typing.get_type_hints(type(target))
     if key not in hints or key not in {f.name for f in dataclasses.fields(target)}:
-        valid = ", ".join(f"{section}.{f.name}" for f in dataclasses.fields(target))
+        parts = ATTACK_PARTS.values() if section == "attack" else [type(target)]
+        valid = ", ".join(f"{section}.{f.name}" for cls in parts for f in dataclasses.fields(cls))
         raise ConfigError(f"unknown key '{section}.{key}'; valid: {valid}")
     setattr(target, key, _coerce(hints[key], value, f"{section}.{key}", from_text=from_text))
 

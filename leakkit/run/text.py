@@ -1,7 +1,8 @@
-"""Run a text recipe end to end: the client's masked-LM or classification step, the attack, the scores.
+"""The runner's text hooks: reading sentences, tokenising client batches, scoring and showing recoveries.
 
-As in `experiment`, the truth (sentences, labels) stays on the simulation side and meets the
-recovery only in `metrics`.
+The runner (`leakkit.run.runner`) owns the loop; this module supplies what is particular to text
+(masked LM and sentence classification on BERT-style models). As for images, the truth
+(sentences, labels) meets the recovery only in `score_text`, through `leakkit.metrics`.
 """
 
 from __future__ import annotations
@@ -9,27 +10,26 @@ from __future__ import annotations
 import difflib
 import math
 import statistics
-import time
-import warnings
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from leakkit import metrics
-from leakkit.run.config import Recipe
-from leakkit.engine.matching import StepCallback
-from leakkit.errors import AttackDiverged, InputError
-from leakkit.run.runner import Interrupted, check_device
 from leakkit.client.observation import Observation
-from leakkit.run.rundir import RunDir, provenance
-from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
-from leakkit.text.attack import TextRecovery, recover_text
-from leakkit.text.data import TextSample, draw_text, read_input
 from leakkit.client.victim import defend, observe, per_example_gradients
+from leakkit.errors import InputError
+from leakkit.run.config import Recipe
+from leakkit.run.rundir import RunDir
+from leakkit.tasks import MODALITIES
+from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
+from leakkit.text.attack import TextRecovery
+from leakkit.text.data import TextSample, draw_text, read_input
 
-TEXT_TASKS = ("masked-lm", "sequence-classification")
+# `leakkit observe` without --input: the sentences after the client's own are the other clients of
+# the round (`clients:n`), up to this many batches
+OBSERVE_POOL_BATCHES = 64
 
 
 def build_text(recipe: Recipe, *, seed: int) -> TextTask:
@@ -185,120 +185,101 @@ def text_diff(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def run_text_recipe(
-    recipe: Recipe,
-    *,
-    out: str | Path,
-    input_path: str | None = None,
-    samples: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: Any = None,
-    callbacks: Sequence[StepCallback] = (),
-    on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
-    only_batches: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Simulate, attack and score a text recipe; write the run directory; return the metrics dict.
 
-    The run directory gets `config.json`, `metrics.json`, `trace.jsonl`, `diff.txt` (reference vs
-    recovery) and `recovered.txt`. Ctrl-C saves every finished sentence (exit 130).
-    only_batches attacks just those client batches (an audit's cells). With `clients:n`, the
-    other clients hold the batches that follow in the drawn data (cyclically).
-    """
-    check_device(device)
-    recipe.validate()
-    pool = load_text_samples(recipe, input_path=input_path, samples=samples)
-    task = build_text(recipe, seed=seed)
-    if device != "cpu":
-        task.model.to(device)
-    bs = recipe.data.batch_size
-    batches = [pool[k : k + bs] for k in range(0, len(pool), bs)]
-    # tokenise everything first: a bad sentence fails before any attack runs
-    tokenised = [make_text_batch(task, chunk, seed=seed + b) for b, chunk in enumerate(batches)]
-    run = RunDir(out)
-    prov = provenance(seed=seed, device=device)
-    run.write_config({"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "seed": seed, "device": device, "notes": task.notes})
-    rows: list[dict[str, Any]] = []
-    step_callbacks = list(callbacks) + ([progress] if progress is not None else [])
-    interrupted = False
-    started = time.perf_counter()
 
-    def save() -> dict[str, Any]:
-        prov["wall_seconds"] = round(time.perf_counter() - started, 3)
-        result = {"recipe": recipe.name, "summary": summarize_text(rows, interrupted=interrupted), "samples": rows, "provenance": prov, "notes": task.notes}
-        run.write_metrics(result)
+@dataclass
+class ClientSentences:
+    """One client's sentences and their tokenised batch."""
+
+    samples: list[TextSample]
+    tokens: TextBatch
+
+
+class _Transcripts:
+    """What a text run shows: diff.txt (reference vs recovery) and recovered.txt."""
+
+    def add(self, task: TextTask, batch: ClientSentences, recovery: TextRecovery, scored: list[dict[str, Any]]) -> None:
+        pass  # everything shown is in the scored rows
+
+    def write(self, run: RunDir, rows: list[dict[str, Any]]) -> None:
         run.write_text("diff.txt", text_diff(rows))
         run.write_text("recovered.txt", "".join(f"{r['recovered'] or ''}\n" for r in rows))
-        return result
-
-    try:
-        for b, batch in enumerate(tokenised):
-            if only_batches is not None and b not in only_batches:
-                continue
-            if progress is not None:
-                progress.start(f"batch {b + 1}/{len(tokenised)}", recipe.attack.steps if recipe.attack.method == "match" else 1)
-            others = (lambda k, b=b: [tokenised[(b + j) % len(tokenised)] for j in range(1, k + 1)])
-            observation = client_update(task, batch, recipe, seed=seed, batch_index=b, other_batches=others)
-            try:
-                recovery: TextRecovery | None = recover_text(task, observation, recipe.attack, seed=seed + b, device=device, callbacks=step_callbacks)
-            except (AttackDiverged, InputError) as e:
-                # a defended update can defeat the analytic steps (e.g. noise hides the order): a failed recovery
-                warnings.warn(f"batch {b + 1}: attack failed: {e}", stacklevel=2)
-                recovery = None
-            if recovery is None:
-                scored = [{"reference": task.decode(batch.originals[i, :L].tolist()), "recovered": None, "rouge1": None, "rouge2": None, "rougeL": None,
-                           "token_accuracy": None, "exact": False, "label_correct": False, "matched_slot": None} for i, L in enumerate(batch.layout.lengths)]
-            else:
-                scored = score_text(task, batch, recovery)
-                run.append_trace({"batch": b, **t} for t in recovery.trace)
-                for note in recovery.notes:
-                    warnings.warn(f"batch {b + 1}: {note}", stacklevel=2)
-            for i, r in enumerate(scored):
-                r.update(
-                    {
-                        "index": b * bs + i,
-                        "batch": b,
-                        "name": batches[b][i].name,
-                        "seconds": recovery.seconds if recovery else None,
-                        "gradient_distance": recovery.distance if recovery else None,
-                        "status": recovery.status if recovery else "diverged",
-                        "method": recipe.attack.method,
-                    }
-                )
-                rows.append(r)
-            save()
-            if on_batch is not None:
-                on_batch(b, scored)
-    except KeyboardInterrupt:
-        interrupted = True
-        save()
-        raise Interrupted(f"interrupted after {len(rows)} of {len(pool)} sentences; results saved in {run.path}") from None
-    return save()
 
 
-def attack_text(recipe: Recipe, observation: Observation, *, out: str | Path, seed: int = 0, device: str = "cpu", progress: Any = None) -> dict[str, Any]:
-    """The attacker's side alone for text: sentences from a saved update (no truth, no scores)."""
-    check_device(device)
-    task = build_text(recipe, seed=seed)
-    run = RunDir(out)
-    run.write_config({"recipe": recipe.to_dict(), "seed": seed, "device": device, "observation": observation.metadata()})
-    if progress is not None:
-        progress.start("attack", recipe.attack.steps if recipe.attack.method == "match" else 1)
-    recovery = recover_text(task, observation, recipe.attack, seed=seed, device=device, callbacks=[progress] if progress else [])
-    run.append_trace(recovery.trace)
-    sentences = [task.decode(r) for r in recovery.token_ids]
-    run.write_text("recovered.txt", "".join(f"{s}\n" for s in sentences))
-    result = {
-        "recipe": recipe.name,
-        "recovery": {
+class TextRun:
+    """The text modality's hooks for `leakkit.run.runner` (see its `ModalityRun` protocol)."""
+
+    modality = MODALITIES["text"]
+
+    def build_task(self, recipe: Recipe, *, seed: int, device: str = "cpu") -> TextTask:
+        task = build_text(recipe, seed=seed)
+        if device != "cpu":
+            task.model.to(device)
+        return task
+
+    def load_samples(self, recipe: Recipe, *, input_path: str | None, samples: int | None, seed: int) -> list[TextSample]:
+        return load_text_samples(recipe, input_path=input_path, samples=samples)
+
+    def count_input(self, path: str | None) -> int:
+        return len(read_input(path))
+
+    def make_batches(self, task: TextTask, recipe: Recipe, samples: Sequence[TextSample], *, seed: int) -> list[ClientSentences]:
+        # tokenise everything first: a bad sentence fails before any attack runs
+        bs = recipe.data.batch_size
+        chunks = [list(samples[k : k + bs]) for k in range(0, len(samples), bs)]
+        return [ClientSentences(chunk, make_text_batch(task, chunk, seed=seed + b)) for b, chunk in enumerate(chunks)]
+
+    def client_update(self, task: TextTask, recipe: Recipe, batches: Sequence[ClientSentences], index: int, *, seed: int) -> Observation:
+        # with `clients:n`, the other clients hold the batches that follow in the drawn data (cyclically)
+        others = lambda k: [batches[(index + j) % len(batches)].tokens for j in range(1, k + 1)]  # noqa: E731
+        return client_update(task, batches[index].tokens, recipe, seed=seed, batch_index=index, other_batches=others)
+
+    def observe(self, task: TextTask, recipe: Recipe, *, input_path: str | None, seed: int) -> Observation:
+        bs = recipe.data.batch_size
+        pool = load_text_samples(recipe, input_path=input_path, samples=None if input_path else bs * OBSERVE_POOL_BATCHES)
+        count = -(-len(pool) // bs)
+
+        def batch(j: int) -> TextBatch:  # tokenised only when used: other clients exist only for `clients:n`
+            k = (j % count) * bs
+            return make_text_batch(task, pool[k : k + bs], seed=seed + j % count)
+
+        return client_update(task, batch(0), recipe, seed=seed, other_batches=lambda n: [batch(j) for j in range(1, n + 1)])
+
+    def score(self, task: TextTask, batch: ClientSentences, recovery: TextRecovery, recipe: Recipe) -> list[dict[str, Any]]:
+        rows = score_text(task, batch.tokens, recovery)
+        for row, sample in zip(rows, batch.samples):
+            row["name"] = sample.name
+        return rows
+
+    def failed(self, task: TextTask, batch: ClientSentences) -> list[dict[str, Any]]:
+        tokens = batch.tokens
+        return [
+            {"reference": task.decode(tokens.originals[i, :L].tolist()), "recovered": None, "rouge1": None, "rouge2": None,
+             "rougeL": None, "token_accuracy": None, "exact": False, "label_correct": False, "matched_slot": None,
+             "name": batch.samples[i].name}
+            for i, L in enumerate(tokens.layout.lengths)
+        ]
+
+    def summarize(self, rows: list[dict[str, Any]], recipe: Recipe, *, interrupted: bool) -> dict[str, Any]:
+        return summarize_text(rows, interrupted=interrupted)
+
+    def artifacts(self) -> _Transcripts:
+        return _Transcripts()
+
+    def notes(self, task: TextTask) -> dict[str, Any]:
+        return {"notes": task.notes}
+
+    def save_recovery(self, task: TextTask, recovery: TextRecovery, run: RunDir) -> dict[str, Any]:
+        sentences = [task.decode(r) for r in recovery.token_ids]
+        run.write_text("recovered.txt", "".join(f"{s}\n" for s in sentences))
+        return {
             "sentences": sentences,
             "labels": recovery.labels.tolist(),
             "gradient_distance": recovery.distance,
             "status": recovery.status,
             "seconds": recovery.seconds,
             "notes": recovery.notes,
-        },
-        "provenance": provenance(seed=seed, device=device),
-    }
-    run.write_metrics(result)
-    return result
+        }
+
+
+TEXT = TextRun()

@@ -1,11 +1,12 @@
 """Text recovery: from a BERT-style gradient to sentences, by exact leaks or by matching.
 
-Two methods, by name in TEXT_METHODS:
-- "exact": analytic leaks only (token set, span checks, order, labels), then a discrete check
+Two attack families (registered by name in `leakkit.run.attacks`):
+- `exact`: analytic leaks only (token set, span checks, order, labels), then a discrete check
   that the recovered batch reproduces the gradient.
-- "match": the shared engine's continuous search in embedding space (DLG/TAG/LAMP), decoded to
+- `match`: the shared engine's continuous search in embedding space (DLG/TAG/LAMP), decoded to
   nearest tokens, optionally followed by discrete refinement (LAMP).
-Neither sees ground truth.
+Neither sees ground truth. Their text-only options live in `TextAttackSettings`, not in the
+engine's `AttackConfig`.
 """
 
 from __future__ import annotations
@@ -13,18 +14,17 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from leakkit.client.observation import Observation
+from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
+from leakkit.engine.objectives import relative_distance
+from leakkit.errors import ConfigError, InputError
+from leakkit.tasks.text import MaskedLanguageModeling, TextLayout, TextTask
 from leakkit.text import analytic as ta
 from leakkit.text.decoders import TOKEN_DECODERS
-from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
-from leakkit.errors import ConfigError, InputError
-from leakkit.engine.objectives import relative_distance
-from leakkit.client.observation import Observation
-from leakkit.registry import Registry
-from leakkit.tasks.text import MaskedLanguageModeling, TextLayout, TextTask
 
 EXACT_DISTANCE = 1e-5  # relative gradient distance below which a recovered batch reproduces the update
 
@@ -53,20 +53,36 @@ class TextRecovery:
     notes: list[str] = field(default_factory=list)
 
 
-TextMethod = Callable[..., TextRecovery]
-TEXT_METHODS: Registry[TextMethod] = Registry("text attack method")
+@dataclass
+class TextAttackSettings:
+    """The text attacks' own options; a recipe sets them under `[attack]` (or `[text]`).
+
+    decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
+    word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off).
+    """
+
+    decoder: str = "cosine"
+    restrict_tokens: bool = False
+    discrete_steps: int = 0
+
+    def validate(self) -> None:
+        """Raise ConfigError for unknown names or out-of-range numbers."""
+        TOKEN_DECODERS.get(self.decoder)
+        if self.discrete_steps < 0:
+            raise ConfigError("attack.discrete_steps must be 0 (off) or positive")
 
 
-def recover_text(
-    task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu",
-    callbacks: Sequence[StepCallback] = (),
-) -> TextRecovery:
-    """Recover the sentences behind `observation` with the method `attack.method`."""
+def _received(task: TextTask, observation: Observation, method: str) -> Observation:
+    """The update as both methods read it: checked against the model, in float64."""
     observation.check_against(task.model)
-    if observation.extra.get("fedavg") and attack.method == "exact":
+    if observation.extra.get("fedavg") and method == "exact":
         raise ConfigError("the exact text attack reads a single gradient (FedSGD); a FedAvg update needs attack.method=match")
-    observation = observation.upcast()
-    return TEXT_METHODS.get(attack.method)(task, observation, attack, seed=seed, device=device, callbacks=callbacks)
+    return observation.upcast()
+
+
+def attacker_view(task: TextTask, observation: Observation) -> TextTask:
+    """The task as the attacker sees this update: shared gradients and the batch layout read off it."""
+    return task.sharing(observation).with_layout(ta.infer_layout(task, observation))
 
 
 # --- helpers shared by both methods ---------------------------------------------------------
@@ -111,9 +127,18 @@ def _fill_labels(input_ids: torch.Tensor, lengths: list[int], labels: torch.Tens
 ASSEMBLE_BUDGET = 20_000
 
 # --- exact -------------------------------------------------------------------------------------
-@TEXT_METHODS.register("exact", description="analytic leaks (token set, span checks, order, labels); no optimisation")
-def exact(task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = ()) -> TextRecovery:
+def exact(
+    task: TextTask, observation: Observation, attack: AttackConfig | None = None, text: TextAttackSettings | None = None, *,
+    seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = (),
+) -> TextRecovery:
+    """Sentences (and labels) from analytic leaks alone; `attack`/`text` are unused (uniform signature).
+
+    Raises:
+        ConfigError: a FedAvg update, or neither the first attention layer's nor the embedding gradients shared.
+        InputError: nothing in the vocabulary fits the gradient (another model's update).
+    """
     started = time.perf_counter()
+    observation = _received(task, observation, "exact")
     work = _attacker_copy(task.sharing(observation), device)
     notes: list[str] = []
     B = observation.batch_size
@@ -355,11 +380,18 @@ def _swap_labels(task: TextTask, observation: Observation, input_ids: torch.Tens
 
 
 # --- continuous matching (+ discrete refinement) ----------------------------------------------------
-@TEXT_METHODS.register("match", description="continuous embedding search with the engine, nearest-token decoding, optional discrete refinement")
-def match(task: TextTask, observation: Observation, attack: AttackConfig, *, seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = ()) -> TextRecovery:
+def match(
+    task: TextTask, observation: Observation, attack: AttackConfig, text: TextAttackSettings | None = None, *,
+    seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = (),
+) -> TextRecovery:
+    """The engine's continuous search in word-embedding space, nearest-token decoding, then optional
+    discrete refinement (`text.discrete_steps`)."""
     started = time.perf_counter()
-    recovery = reconstruct(task, observation, attack, seed=seed, device=device, callbacks=callbacks)
-    view = task.prepare(observation)
+    text = text or TextAttackSettings()
+    text.validate()
+    observation = _received(task, observation, "match")
+    view = attacker_view(task, observation)
+    recovery = reconstruct(view, observation, attack, seed=seed, device=device, callbacks=callbacks)
     work = _attacker_copy(view, device)
     masked_lm = isinstance(work, MaskedLanguageModeling)
     lengths = list(view.layout.lengths)
@@ -367,7 +399,7 @@ def match(task: TextTask, observation: Observation, attack: AttackConfig, *, see
     notes: list[str] = []
     allowed: list[int] | None = None
     wname = work.word_embedding_name()
-    if attack.restrict_tokens:
+    if text.restrict_tokens:
         if wname in observation.gradients:
             allowed = ta.token_leak(observation.gradients[wname], tied=masked_lm and work.tied_decoder()).tokens
         else:
@@ -377,7 +409,7 @@ def match(task: TextTask, observation: Observation, attack: AttackConfig, *, see
     if masked_lm and work.tokenizer.mask_token_id is not None:
         keep.append(int(work.tokenizer.mask_token_id))  # the client's inputs hold [MASK]; other specials are fixed
     table = work.embedding_matrix().detach()
-    ids = TOKEN_DECODERS.get(attack.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
+    ids = TOKEN_DECODERS.get(text.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
     cls, sep = work.boundary_ids()
     for b, L in enumerate(lengths):
         if cls is not None:
@@ -392,9 +424,9 @@ def match(task: TextTask, observation: Observation, attack: AttackConfig, *, see
     else:
         labels = torch.tensor(recovery.label_ids, device=device)
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
-    if attack.discrete_steps > 0:
+    if text.discrete_steps > 0:
         pool = allowed if allowed is not None else None
-        input_ids, distance = refine(work, observation, input_ids, lengths, labels, distance, pool=pool, budget=attack.discrete_steps, seed=seed)
+        input_ids, distance = refine(work, observation, input_ids, lengths, labels, distance, pool=pool, budget=text.discrete_steps, seed=seed)
     status = "exact" if distance < EXACT_DISTANCE else recovery.status
     return TextRecovery(
         input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
@@ -443,4 +475,4 @@ def refine(
     return input_ids, distance
 
 
-__all__ = ["TextRecovery", "TEXT_METHODS", "recover_text", "assemble", "refine", "gradient_distance"]
+__all__ = ["TextRecovery", "TextAttackSettings", "attacker_view", "exact", "match", "assemble", "refine", "gradient_distance"]

@@ -1,0 +1,103 @@
+"""Attack families by name: what `attack.method` in a recipe chooses, per modality.
+
+A new attack family is one module (in `leakkit/vision/` or `leakkit/text/`) plus one
+registration here. Each implementation is called as
+
+    fn(task, observation, recipe, *, seed, device, callbacks) -> recovery
+
+where `recipe` is a resolved `leakkit.run.config.Recipe` (the implementation reads the sections it
+needs: `recipe.attack` for the engine, `recipe.text` for text decoding) and the recovery is the
+modality's own type (`leakkit.engine.Recovery` for images, `leakkit.text.attack.TextRecovery`).
+The implementations import their modules when called, so listing attacks stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from leakkit.errors import ConfigError
+from leakkit.registry import Registry
+
+AttackFn = Callable[..., Any]
+
+
+@dataclass
+class AttackFamily:
+    """One published attack: its citation and one implementation per modality it applies to."""
+
+    paper: str
+    description: str
+    iterative: bool = True  # runs the engine's step loop (progress is counted in attack.steps)
+    implementations: dict[str, AttackFn] = field(default_factory=dict)
+
+
+ATTACKS: Registry[AttackFamily] = Registry("attack")
+
+
+def register_attack(
+    name: str, *, modality: str, paper: str, description: str, iterative: bool = True
+) -> Callable[[AttackFn], AttackFn]:
+    """Add `name`'s implementation for `modality` (the family is created by its first registration).
+
+    iterative: the attack runs the engine's optimisation loop; False for closed-form attacks.
+    """
+
+    def add(fn: AttackFn) -> AttackFn:
+        if name not in ATTACKS:
+            ATTACKS.register(name, description=f"{description} ({paper})")(AttackFamily(paper, description, iterative))
+        family = ATTACKS.get(name)
+        if modality in family.implementations:
+            raise ValueError(f"attack {name!r} has two {modality} implementations")
+        family.implementations[modality] = fn
+        return fn
+
+    return add
+
+
+def attack_for(method: str, modality: str) -> AttackFn:
+    """The implementation of attack `method` for `modality`.
+
+    Raises:
+        ConfigError: unknown attack, or one that does not apply to this modality (lists those that do).
+    """
+    family = ATTACKS.get(method)
+    if modality not in family.implementations:
+        valid = [n for n in ATTACKS.names() if modality in ATTACKS.get(n).implementations]
+        raise ConfigError(f"attack.method {method!r} does not apply to {modality} tasks; valid: {', '.join(valid)}")
+    return family.implementations[modality]
+
+
+def describe() -> list[tuple[str, str]]:
+    """(name, "modalities: description (paper)") for `leakkit list attacks`."""
+    return [(n, f"{', '.join(sorted(ATTACKS.get(n).implementations))}: {d}") for n, d in ATTACKS.describe()]
+
+
+# --- the families ------------------------------------------------------------------------------
+_MATCH = "gradient matching with the shared engine: over pixels, or over word embeddings decoded to the nearest tokens (+ LAMP discrete steps)"
+_DLG = ("Zhu, Liu, Han, Deep Leakage from Gradients, NeurIPS 2019; Geiping et al., Inverting Gradients, NeurIPS 2020; "
+        "Deng et al., TAG, EMNLP 2021; Balunovic et al., LAMP, NeurIPS 2022")
+
+
+@register_attack("match", modality="image", paper=_DLG,
+                 description=_MATCH)
+def _match_images(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
+    from leakkit.engine.matching import reconstruct
+
+    return reconstruct(task, observation, recipe.attack, **options)
+
+
+@register_attack("match", modality="text", paper=_DLG,
+                 description=_MATCH)
+def _match_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
+    from leakkit.text.attack import match
+
+    return match(task, observation, recipe.attack, recipe.text, **options)
+
+
+@register_attack("exact", modality="text", paper="leakkit's analytic leaks, after Petrov et al., DAGER, NeurIPS 2024",
+                 description="token set, span checks, order and labels read off the gradient; no optimisation", iterative=False)
+def _exact_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
+    from leakkit.text.attack import exact
+
+    return exact(task, observation, recipe.attack, recipe.text, **options)
