@@ -43,3 +43,14 @@ def test_interrupt_saves_what_finished(tmp_path):
         run_recipe(recipe, out=tmp_path, samples=3, seed=0, on_batch=stop_after_first)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["summary"]["n"] == 1 and m["summary"]["interrupted"] is True
+
+
+def test_seconds_to_success_is_when_the_candidate_first_met_the_threshold(tmp_path):
+    base = ["task.image_size=16", "task.num_classes=10", "attack.restarts=1", "attack.steps=40"]
+    result = run_recipe(load_recipe("idlg", base), out=tmp_path / "a", samples=1, seed=0)
+    row = result["samples"][0]
+    assert row["psnr"] >= 40
+    # probed during the search: before the attack ended (it polishes after reaching 40 dB)
+    assert row["seconds_to_success"] is not None and 0 < row["seconds_to_success"] <= row["seconds"]
+    never = run_recipe(load_recipe("idlg", base + ["metrics.success_psnr=200"]), out=tmp_path / "b", samples=1, seed=0)
+    assert never["samples"][0]["seconds_to_success"] is None

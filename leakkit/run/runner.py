@@ -64,6 +64,11 @@ class ModalityRun(Protocol):
 
     def save_recovery(self, task: Task, recovery: Any, run: RunDir) -> dict[str, Any]: ...
 
+    def success_probe(self, task: Task, batch: Any, recipe: Recipe) -> Callable[[torch.Tensor], list[bool]] | None:
+        """Per example (in batch order), whether a candidate already meets the success threshold; None if the
+        modality has no cheap probe. Called from a step callback: it holds the truth, the attack never sees it."""
+        ...
+
 
 def _vision() -> ModalityRun:
     from leakkit.run.vision import VISION
@@ -172,8 +177,11 @@ def run_recipe(
             if progress is not None:
                 progress.start(f"batch {b + 1}/{len(batches)}", _progress_total(recipe))
             observation = hooks.client_update(task, recipe, batches, b, seed=seed)
+            first_success: dict[int, float] = {}
+            probe = hooks.success_probe(task, batch, recipe)
+            watch = [_success_watch(probe, first_success)] if probe is not None else []
             try:
-                recovery = attack(task, observation, recipe, seed=seed + b, device=device, callbacks=step_callbacks)
+                recovery = attack(task, observation, recipe, seed=seed + b, device=device, callbacks=step_callbacks + watch)
             except (AttackDiverged, InputError) as e:
                 # a defended update can defeat the analytic steps (e.g. noise hides the order): a failed recovery
                 warnings.warn(f"batch {b + 1}: attack failed: {e}", stacklevel=2)
@@ -196,6 +204,7 @@ def run_recipe(
                         "status": recovery.status if recovery else "diverged",
                         "restart": getattr(recovery, "restart", None),
                         "method": recipe.method,
+                        "seconds_to_success": _seconds_to_success(r, k, first_success, recovery, hooks.modality.score, recipe),
                     }
                 )
                 rows.append(r)
@@ -208,6 +217,27 @@ def run_recipe(
         unit = hooks.modality.unit
         raise Interrupted(f"interrupted after {len(rows)} of {len(pool)} {unit}s; results saved in {run.path}") from None
     return save()
+
+
+def _success_watch(probe: Callable[[torch.Tensor], list[bool]], first: dict[int, float]) -> StepCallback:
+    """A step callback that records, per example, the attack seconds at which it first met the threshold."""
+
+    def watch(event: Any) -> None:
+        for i, hit in enumerate(probe(event.inputs)):
+            if hit and i not in first:
+                first[i] = event.seconds
+
+    return watch
+
+
+def _seconds_to_success(row: dict[str, Any], k: int, first: dict[int, float], recovery: Any, score: str, recipe: Recipe) -> float | None:
+    """Attack seconds until example k first met the success threshold (a closed-form attack: its whole time), or None."""
+    if k in first:
+        return round(first[k], 4)
+    value = row.get(score)
+    if recovery is not None and value is not None and value >= recipe.metrics.threshold(score):
+        return round(recovery.seconds, 4)
+    return None
 
 
 def observe_recipe(recipe: Recipe, *, input_path: str | None = None, seed: int = 0) -> Observation:

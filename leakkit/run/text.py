@@ -269,6 +269,9 @@ class TextRun:
     def notes(self, task: TextTask) -> dict[str, Any]:
         return {"notes": task.notes}
 
+    def success_probe(self, task: TextTask, batch: ClientSentences, recipe: Recipe) -> None:
+        return None  # candidates are embeddings: scoring them needs a decode per step; the closed-form time is used
+
     def save_recovery(self, task: TextTask, recovery: TextRecovery, run: RunDir) -> dict[str, Any]:
         sentences = [task.decode(r) for r in recovery.token_ids]
         run.write_text("recovered.txt", "".join(f"{s}\n" for s in sentences))

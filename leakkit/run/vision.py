@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -233,6 +233,16 @@ class VisionRun:
 
     def notes(self, task: Task) -> dict[str, Any]:
         return {}
+
+    def success_probe(self, task: Task, batch: Batch, recipe: Recipe) -> Callable[[torch.Tensor], list[bool]]:
+        truth, threshold = batch.pixels.numpy(), recipe.metrics.success_psnr
+
+        def probe(inputs: torch.Tensor) -> list[bool]:
+            recovered = task.to_pixels(inputs.detach().cpu().double()).float().numpy()
+            perm = metrics.best_match(truth, recovered)
+            return [metrics.psnr(truth[i], recovered[perm[i]]) >= threshold for i in range(len(truth))]
+
+        return probe
 
     def save_recovery(self, task: Task, recovery: Recovery, run: RunDir) -> dict[str, Any]:
         pixels = task.to_pixels(recovery.inputs.double()).float()
