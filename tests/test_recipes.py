@@ -54,3 +54,19 @@ def test_seconds_to_success_is_when_the_candidate_first_met_the_threshold(tmp_pa
     assert row["seconds_to_success"] is not None and 0 < row["seconds_to_success"] <= row["seconds"]
     never = run_recipe(load_recipe("idlg", base + ["metrics.success_psnr=200"]), out=tmp_path / "b", samples=1, seed=0)
     assert never["samples"][0]["seconds_to_success"] is None
+
+
+def test_auto_skips_attacks_that_do_not_apply_and_names_the_winner(tmp_path):
+    recipe = load_recipe("auto", ["task.image_size=16", "task.num_classes=10", "data.batch_size=2",
+                                  "attack.candidates=idlg,dlg", "attack.steps=20", "attack.restarts=1"])
+    result = run_recipe(recipe, out=tmp_path, samples=2, seed=0)
+    # iDLG's label rule needs batch size 1, so DLG is the only candidate that ran
+    assert [r["attack"] for r in result["samples"]] == ["dlg", "dlg"]
+    assert all(r["method"] == "auto" and r["psnr"] is not None for r in result["samples"])
+
+
+def test_auto_needs_bundled_candidates():
+    from leakkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attack.candidates"):
+        load_recipe("auto", ["attack.candidates=nosuch"])

@@ -114,6 +114,7 @@ class Recovery:
     distance: relative gradient distance of the returned candidate.
     status: "converged", "stalled", "budget" (ran all steps) or "diverged" per restart; the chosen one here.
     trace: one dict per step of every restart (restart, step, distance, seconds).
+    attack: which attack produced it, when a strategy chose among several (`auto`); "" otherwise.
     """
 
     inputs: torch.Tensor
@@ -125,6 +126,7 @@ class Recovery:
     seconds: float
     restart_status: list[str]
     trace: list[dict[str, Any]]
+    attack: str = ""
 
     @property
     def label_ids(self) -> list[int]:

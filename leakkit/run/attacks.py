@@ -101,3 +101,47 @@ def _exact_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any
     from leakkit.text.attack import exact
 
     return exact(task, observation, recipe.attack, recipe.text, **options)
+
+
+@register_attack("auto", modality="image", paper="the strategy of Croce & Hein, AutoAttack, ICML 2020",
+                 description="the strongest of several attacks per batch: runs each candidate recipe's attack "
+                             "and keeps the recovery with the lowest gradient distance (never the truth)")
+def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (), **options: Any) -> Any:
+    import dataclasses
+    import time
+
+    from leakkit.errors import AttackDiverged
+    from leakkit.run.config import with_attack_of
+
+    started = time.perf_counter()
+    best, tried = None, []
+    for name in recipe.choice.candidates:
+        member = with_attack_of(recipe, name)
+        # auto's own budget caps every candidate's, so one override bounds the whole search
+        member.attack.steps = min(member.attack.steps, recipe.attack.steps)
+        member.attack.restarts = min(member.attack.restarts, recipe.attack.restarts)
+        offset = time.perf_counter() - started
+        # step times count from the start of `auto`, so time-to-success includes the candidates before
+        shifted = [_shift(cb, offset) for cb in callbacks]
+        try:
+            recovery = attack_for(member.method, "image")(task, observation, member, callbacks=shifted, **options)
+        except ConfigError as e:  # e.g. iDLG's label rule on a batch: that attack does not apply here
+            tried.append(f"{name}: not applicable ({e})")
+            continue
+        except AttackDiverged:
+            tried.append(f"{name}: diverged")
+            continue
+        tried.append(f"{name}: {recovery.distance:.2e}")
+        if best is None or recovery.distance < best.distance:
+            best = dataclasses.replace(recovery, attack=name)
+        if recovery.status == "converged":
+            break  # the gradient is matched to the stop distance: the rest cannot do better by much
+    if best is None:
+        raise AttackDiverged("no candidate attack applied or converged: " + "; ".join(tried))
+    return dataclasses.replace(best, seconds=time.perf_counter() - started)
+
+
+def _shift(callback: Callable[[Any], None], offset: float) -> Callable[[Any], None]:
+    import dataclasses
+
+    return lambda event: callback(dataclasses.replace(event, seconds=event.seconds + offset))

@@ -76,9 +76,11 @@ class MetricsSpec:
 
 @dataclass
 class AttackChoice:
-    """`[attack] method`: which attack family runs (a name in `leakkit list attacks`)."""
+    """`[attack] method`: which attack family runs (a name in `leakkit list attacks`); candidates: the
+    bundled recipes whose attacks `auto` tries, in order."""
 
     method: str = "match"
+    candidates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -115,6 +117,11 @@ class Recipe:
         self.attack.validate()
         self.text.validate()
         attack_for(self.choice.method, modality_of(self.task.name).name)
+        if self.choice.method == "auto":
+            known = bundled_recipes()
+            wrong = [c for c in self.choice.candidates if c not in known or c == self.name]
+            if not self.choice.candidates or wrong:
+                raise ConfigError(f"attack.candidates must name bundled recipes other than this one; got {', '.join(wrong) or 'none'}")
         if self.data.batch_size < 1:
             raise ConfigError("data.batch_size must be at least 1")
         if self.data.samples < 1:
@@ -141,6 +148,12 @@ class Recipe:
         from leakkit.client.defenses import format_chain, parse_chain
 
         self.defense = format_chain(parse_chain(self.defense))
+
+
+def with_attack_of(recipe: Recipe, name: str) -> Recipe:
+    """`recipe` (task, data, client, defense, metrics) attacked as the bundled recipe `name` attacks."""
+    other = load_recipe(name)
+    return dataclasses.replace(recipe, name=name, attack=other.attack, choice=other.choice, text=other.text)
 
 
 SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "text": TextAttackSettings, "metrics": MetricsSpec, "client": ClientSpec}

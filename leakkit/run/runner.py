@@ -204,6 +204,7 @@ def run_recipe(
                         "status": recovery.status if recovery else "diverged",
                         "restart": getattr(recovery, "restart", None),
                         "method": recipe.method,
+                        "attack": getattr(recovery, "attack", "") or recipe.method,
                         "seconds_to_success": _seconds_to_success(r, k, first_success, recovery, hooks.modality.score, recipe),
                     }
                 )
