@@ -168,3 +168,39 @@ def test_a_pruning_aware_attacker_beats_pruning_that_stops_a_naive_one():
         rec = reconstruct(task, pruned, cfg, seed=0)
         psnr[aware] = metrics.psnr(x[0].numpy(), task.to_pixels(rec.inputs.double())[0].float().numpy())
     assert psnr[True] > 30 and psnr[True] > psnr[False] + 10, psnr
+
+
+def test_noise_variance_follows_the_recorded_chain():
+    from leakkit.client.defenses import noise_variance
+
+    def obs(records, batch=4, reduction="mean"):
+        return Observation(gradients={}, batch_size=batch, reduction=reduction, extra={"defenses": records})
+
+    assert noise_variance(obs([])) == 0
+    assert noise_variance(obs([{"name": "noise", "std": 1e-3}, {"name": "fp16"}])) == pytest.approx(1e-6)
+    assert noise_variance(obs([{"name": "laplace", "scale": 1e-3}])) == pytest.approx(2e-6)
+    # DP-SGD: N(0, (multiplier * clip)^2) on the sum, then the mean over the batch
+    assert noise_variance(obs([{"name": "clip-noise", "multiplier": 2.0, "clip": 0.5}])) == pytest.approx((1.0 / 4) ** 2)
+    assert noise_variance(obs([{"name": "clip-noise", "multiplier": 2.0, "clip": 0.5}], reduction="sum")) == pytest.approx(1.0)
+    # averaging with 2 clients halves this client's noise std; noise added after it is not averaged
+    chain = [{"name": "noise", "std": 2e-3}, {"name": "clients", "n": 2}, {"name": "noise", "std": 1e-3}]
+    assert noise_variance(obs(chain)) == pytest.approx(1e-6 + 1e-6)
+
+
+def test_noise_aware_attacker_beats_one_that_ignores_the_noise():
+    from leakkit.engine import reconstruct
+    from leakkit.run import vision
+
+    base = ["task.image_size=16", "task.num_classes=10", "attack.restarts=1", "attack.steps=60", "defense=noise:std=3e-3"]
+    psnr = {}
+    for aware in ("true", "false"):
+        recipe = load_recipe("idlg", base + [f"attack.noise_aware={aware}"])
+        task = vision.build_task(recipe, seed=0)
+        values = []
+        for seed in (1, 2):
+            batch = vision.make_batches(recipe, vision.load_samples(recipe, input_path=None, samples=1, seed=seed), seed=seed)[0]
+            rec = reconstruct(task, vision.client_update(task, recipe, batch, seed=seed), recipe.attack, seed=0)
+            assert bool(rec.notes) == (aware == "true")
+            values.append(vision.score_images(task, batch, rec, recipe)[0]["psnr"])
+        psnr[aware] = sum(values) / len(values)
+    assert psnr["true"] > psnr["false"] + 2

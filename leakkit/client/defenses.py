@@ -279,6 +279,31 @@ def format_chain(steps: Iterable[Step]) -> str:
     return "+".join(parts)
 
 
+# How each recorded defense step changes the per-entry variance of the noise in the update:
+# (variance so far, the step's record in extra["defenses"], batch size, reduction) -> variance after it.
+NoiseRule = Callable[[float, dict[str, Any], int, str], float]
+NOISE_RULES: Registry[NoiseRule] = Registry("noise rule")
+NOISE_RULES.register("noise")(lambda v, rec, b, red: v + float(rec["std"]) ** 2)
+NOISE_RULES.register("laplace")(lambda v, rec, b, red: v + 2 * float(rec["scale"]) ** 2)
+NOISE_RULES.register("clip-noise")(
+    lambda v, rec, b, red: v + (float(rec["multiplier"]) * float(rec["clip"]) / (b if red == "mean" else 1)) ** 2
+)
+NOISE_RULES.register("clients")(lambda v, rec, b, red: v / float(rec["n"]) ** 2)  # only this client's noise so far is averaged down
+
+
+def noise_variance(observation: Observation) -> float:
+    """Per-entry variance of the noise the client's recorded defenses added to its update (0 if none).
+
+    Read from `extra["defenses"]`, which the client writes and the server receives with the update:
+    what an attacker who knows the protocol knows (the attack never sees the noise itself).
+    """
+    variance = 0.0
+    for record in observation.extra.get("defenses", []):
+        if record.get("name") in NOISE_RULES:
+            variance = NOISE_RULES.get(record["name"])(variance, record, observation.batch_size, observation.reduction)
+    return variance
+
+
 def apply(observation: Observation, spec: str | list[Step], context: ClientContext) -> Observation:
     """Apply a defense chain to an update, left to right.
 

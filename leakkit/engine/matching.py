@@ -18,6 +18,7 @@ import torch
 from leakkit.errors import AttackDiverged, ConfigError
 from leakkit.engine.labels import LABELS
 from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
+from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
 from leakkit.engine.optimizers import OPTIMIZERS, SCHEDULES
 from leakkit.engine.priors import PRIORS, Prior
@@ -43,6 +44,9 @@ class AttackConfig:
     for batch size 1 the solve is exact and label-free.
     ignore_zeros: match only the entries the update does not hold as exactly 0 (an attacker who
     knows the client prunes or sparsifies).
+    noise_aware: when the update's metadata records added noise (noise, laplace, clip-noise), weigh
+    a total-variation prior by the noise energy (variance x matched entries) on image-shaped inputs,
+    unless the recipe sets `priors.tv` itself; false models an attacker who does not know the noise.
     restarts: independent starts, best kept by gradient distance; stop_distance: a restart ends
     once the relative gradient distance falls below it; patience: steps without a 1 % improvement
     before a restart is declared stalled (0 = never); precision: "float64" or "float32".
@@ -67,6 +71,7 @@ class AttackConfig:
     patience: int = 50
     precision: str = "float64"
     ignore_zeros: bool = False
+    noise_aware: bool = True
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names or out-of-range numbers."""
@@ -115,6 +120,7 @@ class Recovery:
     status: "converged", "stalled", "budget" (ran all steps) or "diverged" per restart; the chosen one here.
     trace: one dict per step of every restart (restart, step, distance, seconds).
     attack: which attack produced it, when a strategy chose among several (`auto`); "" otherwise.
+    notes: settings the engine chose from the update itself (e.g. the noise-aware prior).
     """
 
     inputs: torch.Tensor
@@ -127,6 +133,7 @@ class Recovery:
     restart_status: list[str]
     trace: list[dict[str, Any]]
     attack: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def label_ids(self) -> list[int]:
@@ -175,6 +182,9 @@ def reconstruct(
     options = ObjectiveOptions(l1_weight=attack.l1_weight)
     weights = LAYER_WEIGHTS.get(attack.layer_weights)(target)
     priors = [(PRIORS.get(n), w) for n, w in attack.priors.items() if w != 0]
+    notes: list[str] = []
+    if attack.noise_aware:
+        priors += _noise_priors(work, observation, target, attack, notes)
     features = _feature_targets(work, observation, fixed, dtype, device) if attack.feature_weight > 0 else None
 
     problem = _Problem(
@@ -207,7 +217,20 @@ def reconstruct(
         seconds=time.perf_counter() - started,
         restart_status=statuses,
         trace=trace,
+        notes=notes,
     )
+
+
+def _noise_priors(task: Task, observation: Observation, target: list[torch.Tensor], attack: AttackConfig, notes: list[str]) -> list[tuple[Prior, float]]:
+    """A TV prior as strong as the noise the update carries: the gradient alone can no longer pin
+    the image below the noise floor, so smoothness decides there (measured: std 1e-3 on LeNet,
+    26.6/29.2 dB without, 34.1/34.3 dB with)."""
+    variance = noise_variance(observation)
+    if variance <= 0 or "tv" in attack.priors or len(task.input_shape) != 3:
+        return []
+    weight = variance * sum(t.numel() for t in target)
+    notes.append(f"noise-aware attacker: total-variation prior {weight:.3g} (noise variance {variance:.2e} from the update's metadata); attack.noise_aware=false turns it off")
+    return [(PRIORS.get("tv"), weight)]
 
 
 @dataclass

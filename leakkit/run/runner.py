@@ -157,6 +157,7 @@ def run_recipe(
     run.write_config({"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "seed": seed, "device": device, **notes})
 
     rows: list[dict[str, Any]] = []
+    attack_notes: list[str] = []
     shown = hooks.artifacts()
     step_callbacks = list(callbacks) + ([progress] if progress is not None else [])
     interrupted = False
@@ -165,7 +166,7 @@ def run_recipe(
     def save() -> dict[str, Any]:
         prov["wall_seconds"] = round(time.perf_counter() - started, 3)
         summary = hooks.summarize(rows, recipe, interrupted=interrupted)
-        result = {"recipe": recipe.name, "summary": summary, "samples": rows, "provenance": prov, **notes}
+        result = {"recipe": recipe.name, "summary": summary, "samples": rows, "provenance": prov, **notes, "attack_notes": attack_notes}
         run.write_metrics(result)
         shown.write(run, rows)
         return result
@@ -193,7 +194,9 @@ def run_recipe(
                 run.append_trace({"batch": b, **t} for t in recovery.trace)
                 shown.add(task, batch, recovery, scored)
                 for note in getattr(recovery, "notes", []):
-                    warnings.warn(f"batch {b + 1}: {note}", stacklevel=2)
+                    if note not in attack_notes:  # said once per run, not once per batch
+                        attack_notes.append(note)
+                        warnings.warn(f"batch {b + 1}: {note}", stacklevel=2)
             for k, r in enumerate(scored):
                 r.update(
                     {
