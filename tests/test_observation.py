@@ -61,3 +61,40 @@ def test_garbage_and_missing_files(tmp_path):
     save_file({"a": torch.zeros(2)}, str(plain))
     with pytest.raises(InputError, match="no leakkit metadata"):
         Observation.load(plain)
+
+
+def _save_raw(path, tensors, meta):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"leakkit": json.dumps(meta)})
+    return path
+
+
+def test_a_file_whose_tensors_differ_from_its_metadata_is_named(tmp_path):
+    _, obs = _obs()
+    meta = obs.metadata()
+    tensors = {k: v.contiguous() for k, v in obs.gradients.items()}
+    first = next(iter(tensors))
+    lacking = _save_raw(tmp_path / "lacking.safetensors", {k: v for k, v in tensors.items() if k != first}, meta)
+    with pytest.raises(InputError, match=f"missing {first}"):
+        Observation.load(lacking)
+    extra = _save_raw(tmp_path / "extra.safetensors", {**tensors, "stowaway": torch.zeros(2)}, meta)
+    with pytest.raises(InputError, match="extra stowaway"):
+        Observation.load(extra)
+    nan = _save_raw(tmp_path / "nan.safetensors", {**tensors, first: torch.full_like(tensors[first], float("nan"))}, meta)
+    with pytest.raises(InputError, match=f"NaN or inf in {first}"):
+        Observation.load(nan)
+    ints = _save_raw(tmp_path / "ints.safetensors", {**tensors, first: tensors[first].to(torch.int32)}, meta)
+    with pytest.raises(InputError, match="not floating point"):
+        Observation.load(ints)
+
+
+def test_engine_pairs_tensors_by_name_when_one_is_withheld():
+    from leakkit.engine import AttackConfig, reconstruct
+
+    task, obs = _obs()
+    first = next(iter(obs.gradients))
+    partial = Observation({k: v for k, v in obs.gradients.items() if k != first}, obs.batch_size, obs.reduction, obs.model, obs.fingerprint)
+    with pytest.warns(UserWarning, match="withholds 1 parameter"):
+        rec = reconstruct(task, partial, AttackConfig(labels="idlg", restarts=1, steps=3, patience=0), seed=0)
+    assert rec.inputs.shape == (1, 3, 16, 16)

@@ -90,7 +90,12 @@ class Observation:
             raise InputError(f"{path} has no leakkit metadata (batch size, reduction)")
         try:
             meta = json.loads(header["leakkit"])
-            order = [n for n in meta.get("parameter_order", []) if n in tensors]
+            listed = [str(n) for n in meta.get("parameter_order", [])]
+        except (ValueError, TypeError, AttributeError) as e:
+            raise InputError(f"malformed leakkit metadata in {path}: {e}") from None
+        _check_tensors(path, tensors, listed)
+        try:
+            order = [n for n in listed if n in tensors]
             ordered = {n: tensors[n] for n in order} | {n: t for n, t in tensors.items() if n not in order}
             return cls(
                 gradients=ordered,
@@ -135,6 +140,27 @@ class Observation:
             raise ObservationMismatch(f"batch size must be positive, got {self.batch_size}")
         if self.reduction not in ("mean", "sum"):
             raise ObservationMismatch(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], listed: list[str]) -> None:
+    """One InputError naming every tensor that differs from the file's own metadata, is not a float
+    tensor, or holds NaN/inf: such a file cannot be the update its header describes."""
+    problems = []
+    if listed:
+        missing = [n for n in listed if n not in tensors]
+        extra = [n for n in tensors if n not in set(listed)]
+        if missing:
+            problems.append(f"missing {_few(missing)} (listed in its metadata)")
+        if extra:
+            problems.append(f"extra {_few(extra)} (not in its metadata)")
+    not_float = [f"{n} ({str(t.dtype).replace('torch.', '')})" for n, t in tensors.items() if not t.is_floating_point()]
+    if not_float:
+        problems.append(f"not floating point: {_few(not_float)}")
+    non_finite = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if non_finite:
+        problems.append(f"NaN or inf in {_few(non_finite)}")
+    if problems:
+        raise InputError(f"{path}: {'; '.join(problems)}")
 
 
 def _few(items: list[str], n: int = 3) -> str:

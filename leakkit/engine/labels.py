@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from leakkit.engine import analytic
-from leakkit.errors import ConfigError
+from leakkit.errors import ConfigError, ObservationMismatch
 from leakkit.client.observation import Observation
 from leakkit.registry import Registry
 from leakkit.tasks.base import Task
@@ -21,7 +21,9 @@ LABELS: Registry[LabelStrategy] = Registry("label strategy")
 
 def _classifier_grads(observation: Observation, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
     w, b = task.classifier_parameter_names()
-    return observation.gradients[w], (observation.gradients[b] if b else None)
+    if w not in observation.gradients:
+        raise ObservationMismatch(f"this label strategy reads the output layer's gradient ({w}), which the update does not hold")
+    return observation.gradients[w], (observation.gradients.get(b) if b else None)
 
 
 @LABELS.register("soft")

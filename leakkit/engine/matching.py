@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from leakkit.errors import AttackDiverged, ConfigError
+from leakkit.errors import AttackDiverged, ConfigError, ObservationMismatch
 from leakkit.engine.labels import LABELS
 from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
 from leakkit.client.defenses import noise_variance
@@ -175,7 +175,13 @@ def reconstruct(
         raise ConfigError("attack.feature_weight needs a single-gradient (FedSGD) update, not a FedAvg weight difference")
     dtype = DTYPES[attack.precision]
     work = task.prepare(observation).copy_to(dtype=dtype, device=device)
-    names = [n for n, _ in work.matched_parameters() if n in observation.gradients]
+    matched = [n for n, _ in work.matched_parameters()]
+    names = [n for n in matched if n in observation.gradients]
+    if not names:
+        raise ObservationMismatch("the update holds none of the gradients this attack matches")
+    withheld = [n for n in matched if n not in observation.gradients]
+    if withheld:
+        warnings.warn(f"the update withholds {len(withheld)} parameter gradient(s) ({', '.join(withheld[:3])}{', ...' if len(withheld) > 3 else ''}); matching the {len(names)} it shares", stacklevel=2)
     target = [observation.gradients[n].to(device=device, dtype=dtype) for n in names]
     fixed = LABELS.get(attack.labels)(observation, task)
     objective = OBJECTIVES.get(attack.objective)
@@ -191,6 +197,7 @@ def reconstruct(
         work, observation.reduction, target, objective, weights, options, priors, features,
         attack.feature_weight, observation.batch_size, fedavg,
         [(t != 0).to(dtype) for t in target] if attack.ignore_zeros else None,
+        [i for i, n in enumerate(matched) if n in observation.gradients] if withheld else None,
     )
     started = time.perf_counter()
     trace: list[dict[str, Any]] = []
@@ -260,6 +267,12 @@ class _Problem:
     batch: int
     fedavg: dict[str, Any] | None = None
     masks: list[torch.Tensor] | None = None
+    shared: list[int] | None = None  # positions of the shared tensors among the matched ones (None: all)
+
+    def _pick(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the candidate's tensors are paired with the target's by name, never by position
+        out = grads if self.shared is None else [grads[i] for i in self.shared]
+        return out if self.masks is None else [g * m for g, m in zip(out, self.masks)]
 
     def update(self, x: torch.Tensor, labels: torch.Tensor, *, create_graph: bool) -> list[torch.Tensor]:
         """What the client would have shared for (x, labels): its gradient, or with FedAvg the
@@ -271,7 +284,7 @@ class _Problem:
             )
         else:
             out = self.task.gradients(x, labels, reduction=self.reduction, create_graph=create_graph, matched=True)
-        return out if self.masks is None else [g * m for g, m in zip(out, self.masks)]
+        return self._pick(out)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Matching loss (objective + feature term + priors) and the candidate's update."""
@@ -280,7 +293,7 @@ class _Problem:
             loss = self.objective(grads, self.target, self.weights, self.options)
         else:
             grads, feats = self.task.gradients_and_features(x, labels, reduction=self.reduction, create_graph=True, matched=True)
-            grads = grads if self.masks is None else [g * m for g, m in zip(grads, self.masks)]
+            grads = self._pick(grads)
             loss = self.objective(grads, self.target, self.weights, self.options)
             loss = loss + self.feature_weight * (feats - self.features[0]).pow(2).sum() / self.features[1]
         for prior, w in self.priors:
