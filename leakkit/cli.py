@@ -25,6 +25,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         sp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
         sp.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
+    def out_policy(sp: argparse.ArgumentParser, what: str) -> None:
+        sp.add_argument("--resume", action="store_true", help=f"continue the {what} in --out, skipping what is finished")
+        sp.add_argument("--overwrite", action="store_true", help=f"replace the {what} in --out")
+
     def defense_option(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--defense", action="append", default=[], metavar="SPEC",
                         help="client-side defense, e.g. noise:std=1e-3 or prune:ratio=0.5 (repeat or join with + to compose; see `leakkit list defenses`)")
@@ -35,12 +39,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     run.add_argument("--input", help="an image file or folder of images; for text recipes a .txt (one sentence per line) or .tsv")
     run.add_argument("--samples", type=int, help="number of images to attack (default: the recipe's data.samples, or every --input image)")
     run.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
+    out_policy(run, "run")
 
     obs = sub.add_parser("observe", help="victim side: write the (defended) shared update of one client round (safetensors)")
     common(obs)
     defense_option(obs)
     obs.add_argument("--input", help="an image file or folder, or a .txt/.tsv of sentences (default: the recipe's data)")
     obs.add_argument("--out", required=True, help="output .safetensors file")
+    obs.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     att = sub.add_parser("attack", help="attacker side: recover inputs from a saved gradient file")
     common(att, optional_recipe=True)
@@ -48,6 +54,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     att.add_argument("--model", help="the model the update came from (directory, cached hub id, or minilm); same as model=...")
     att.add_argument("--gradients", required=True, help="a .safetensors file written by `leakkit observe`")
     att.add_argument("--out", help="run directory (default runs/RECIPE-attack-TIMESTAMP)")
+    att.add_argument("--overwrite", action="store_true", help="replace the run in --out if it holds one")
 
     aud = sub.add_parser("audit", help="success rates of a recipe over a grid of defenses / settings, with utility, resumable")
     common(aud)
@@ -56,7 +63,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     aud.add_argument("--input", help="as for `leakkit run`")
     aud.add_argument("--samples", type=int, help="examples attacked per setting (default: the recipe's data.samples)")
     aud.add_argument("--out", help="audit directory (default audits/RECIPE-TIMESTAMP)")
-    aud.add_argument("--resume", action="store_true", help="finish an interrupted audit in --out, skipping finished cells")
+    out_policy(aud, "audit")
     aud.add_argument("--backend", default="local", help="local (default) or ray")
     aud.add_argument("--workers", type=int, help="Ray CPUs to start locally (default: all cores)")
     aud.add_argument("--ray-address", help="address of an existing Ray cluster (default: $RAY_ADDRESS, else start one)")
@@ -152,6 +159,19 @@ def _default_out(recipe: str, suffix: str = "") -> str:
     return f"runs/{Path(recipe).stem}{suffix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+def _claim(args: argparse.Namespace, default: str, what: str) -> Any:
+    """--out, checked: a new directory, or with --resume/--overwrite an existing one (see `claim_output`)."""
+    from leakkit.errors import ConfigError
+    from leakkit.run.rundir import claim_output
+
+    resume = getattr(args, "resume", False)
+    if resume and not args.out:
+        raise ConfigError(f"--resume needs --out: the {what} directory to continue")
+    audit = what == "audit"
+    return claim_output(args.out or default, resume=resume, overwrite=args.overwrite, what=what,
+                        marker="audit.json" if audit else "config.json", checks_itself=audit)
+
+
 def _with_defenses(overrides: list[str], defenses: list[str]) -> list[str]:
     """`--defense A --defense B` composes A then B after any defense the recipe sets."""
     if not defenses:
@@ -164,11 +184,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from leakkit.run.runner import run_recipe
 
     recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
-    out = args.out or _default_out(args.recipe)
+    out = str(_claim(args, _default_out(args.recipe), "run"))
     console = _console()
     progress = _progress(args, console)
     with progress or contextlib.nullcontext():
-        result = run_recipe(recipe, out=out, input_path=args.input, samples=args.samples, seed=args.seed, device=args.device, progress=progress)
+        result = run_recipe(recipe, out=out, input_path=args.input, samples=args.samples, seed=args.seed, device=args.device,
+                            progress=progress, resume=args.resume)
     if not args.quiet:
         _print_summary(console, recipe.name, result, out)
     s = result["summary"]
@@ -226,12 +247,20 @@ def _print_text_summary(console: Any, name: str, s: dict[str, Any], out: str) ->
 
 
 def cmd_observe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from leakkit.errors import InputError
     from leakkit.run.config import load_recipe
     from leakkit.run.runner import observe_recipe
 
     recipe = load_recipe(args.recipe, _with_defenses(args.overrides, args.defense))
+    target = Path(args.out)
+    if target.is_dir():
+        raise InputError(f"--out {target} is a directory; give a .safetensors file name")
+    if target.exists() and not args.overwrite:
+        raise InputError(f"--out {target} exists; pass --overwrite to replace it")
     observation = observe_recipe(recipe, input_path=args.input, seed=args.seed)
-    path = observation.save(args.out)
+    path = observation.save(target)
     if not args.quiet:
         kind = "weight difference" if observation.extra.get("fedavg") else "gradient"
         defended = "" if recipe.defense == "none" else f" (defense {recipe.defense})"
@@ -258,7 +287,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     name = args.recipe or "bert-exact"
     recipe = load_recipe(name, overrides)
     observation = Observation.load(args.gradients)
-    out = args.out or _default_out(name, "-attack")
+    out = str(_claim(args, _default_out(name, "-attack"), "run"))
     console = _console()
     progress = _progress(args, console)
     with progress or contextlib.nullcontext():
@@ -285,7 +314,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         recipe=args.recipe, overrides=list(args.overrides), grid=list(args.grid), defenses=list(args.defense),
         samples=args.samples, input=args.input, seed=args.seed, device=args.device, utility=not args.no_utility,
     )
-    out = args.out or _default_out(args.recipe).replace("runs/", "audits/", 1)
+    out = str(_claim(args, _default_out(args.recipe).replace("runs/", "audits/", 1), "audit"))
     console = _console()
     progress = None if args.quiet else _audit_progress(console)
     with progress or contextlib.nullcontext():

@@ -153,3 +153,36 @@ def test_tiny_images_with_undefined_ssim_still_write_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     sample = json.loads((out / "metrics.json").read_text())["samples"][0]
     assert sample["ssim"] is None and sample["psnr"] is not None
+
+
+def test_out_is_never_overwritten_by_accident_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("run", "idlg", *FAST, "--samples", "2", "--out", str(out), "--quiet").returncode == 0
+    before = (out / "metrics.json").read_bytes()
+    assert_one_line_error(run_cli("run", "idlg", *FAST, "--out", str(out), "--quiet"), "--overwrite")
+    assert_one_line_error(run_cli("run", "idlg", *FAST, "--samples", "3", "--out", str(out), "--resume", "--quiet"), "different run")
+    assert_one_line_error(run_cli("run", "idlg", *FAST, "--out", str(out / "metrics.json"), "--quiet"), "is a file")
+    assert_one_line_error(run_cli("run", "idlg", *FAST, "--resume", "--quiet"), "--resume needs --out")
+    assert_one_line_error(run_cli("observe", "idlg", *FAST, "--out", str(out / "metrics.json")), "--overwrite")
+    assert (out / "metrics.json").read_bytes() == before
+    # resume after an interruption that kept only the first batch: it is kept, the second is attacked
+    cut = json.loads(before)
+    cut["samples"] = cut["samples"][:1]
+    (out / "metrics.json").write_text(json.dumps(cut))
+    proc = run_cli("run", "idlg", *FAST, "--samples", "2", "--out", str(out), "--resume", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads((out / "metrics.json").read_text())["samples"]
+    assert resumed[0] == cut["samples"][0] and [r["batch"] for r in resumed] == [0, 1]
+    proc = run_cli("run", "idlg", *FAST, "--out", str(out), "--overwrite", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["summary"]["n"] == 1
+
+
+def test_every_file_of_a_run_follows_the_umask(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("run", "idlg", *FAST, "--out", str(out), "--quiet").returncode == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert {"config.json", "metrics.json", "grid.png", "recovered.safetensors"} <= set(modes)
+    assert set(modes.values()) == {0o666 & ~mask}, modes

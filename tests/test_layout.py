@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top. A module may import its own folder, or any folder on a lower floor.
 FLOORS: list[list[str]] = [
     ["leakkit.errors"],
-    ["leakkit.registry", "leakkit.metrics"],
+    ["leakkit.registry", "leakkit.metrics", "leakkit.files"],
     ["leakkit.tasks"],
     ["leakkit.client"],
     ["leakkit.engine"],
@@ -82,6 +82,35 @@ def test_imports_point_down() -> None:
             if _floor(dst) >= _floor(src):
                 climbs.append(f"{module} -> {target}")
     assert not climbs, "imports that climb or cross a floor:\n" + "\n".join(sorted(set(climbs)))
+
+
+def test_no_import_circle_between_modules() -> None:
+    mods = _modules()
+    graph = {m: set() for m in mods}
+    for module, path in mods.items():
+        for target in _imports(module, path):
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            if target and target != module and not module.startswith(target + "."):
+                graph[module].add(target)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (circle := visit(m)):
+            raise AssertionError("import circle: " + " -> ".join(circle))
 
 
 def test_the_checker_sees_a_climb(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from leakkit import metrics
 from leakkit.run.config import Recipe, load_recipe
 from leakkit.client.defenses import strength, sweep
 from leakkit.errors import ConfigError, InputError, Interrupted, LeakkitError
+from leakkit.files import apply_mode
 from leakkit.registry import Registry
 from leakkit.run.rundir import provenance, write_json
 from leakkit.tasks import modality_of
@@ -288,7 +289,7 @@ class AuditDir:
         """Write a cell's files into a temporary directory, then rename it into place."""
         final = self.cell(job)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+        tmp = apply_mode(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))  # mkdtemp makes 0700
         for name, data in files.items():
             (tmp / name).write_bytes(data)
         if final.exists():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from leakkit.errors import InputError, ObservationMismatch
+from leakkit.files import apply_mode
 
 FORMAT_VERSION = 1
 
@@ -70,7 +71,7 @@ class Observation:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.gradients.items()}
         save_file(tensors, str(path), metadata={"leakkit": json.dumps(self.metadata())})
-        return path
+        return apply_mode(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Observation":

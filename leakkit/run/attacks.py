@@ -13,10 +13,12 @@ The implementations import their modules when called, so listing attacks stays l
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from leakkit.errors import ConfigError
+from leakkit.errors import AttackDiverged, ConfigError
 from leakkit.registry import Registry
 
 AttackFn = Callable[..., Any]
@@ -107,16 +109,10 @@ def _exact_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any
                  description="the strongest of several attacks per batch: runs each candidate recipe's attack "
                              "and keeps the recovery with the lowest gradient distance (never the truth)")
 def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (), **options: Any) -> Any:
-    import dataclasses
-    import time
-
-    from leakkit.errors import AttackDiverged
-    from leakkit.run.config import with_attack_of
-
     started = time.perf_counter()
     best, tried = None, []
     for name in recipe.choice.candidates:
-        member = with_attack_of(recipe, name)
+        member = recipe.attacked_as(name)
         # auto's own budget caps every candidate's, so one override bounds the whole search
         member.attack.steps = min(member.attack.steps, recipe.attack.steps)
         member.attack.restarts = min(member.attack.restarts, recipe.attack.restarts)
@@ -142,6 +138,4 @@ def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (
 
 
 def _shift(callback: Callable[[Any], None], offset: float) -> Callable[[Any], None]:
-    import dataclasses
-
     return lambda event: callback(dataclasses.replace(event, seconds=event.seconds + offset))

@@ -104,6 +104,11 @@ class Recipe:
         """The attack family this recipe runs."""
         return self.choice.method
 
+    def attacked_as(self, name: str) -> "Recipe":
+        """This setting (task, data, client, defense, metrics) attacked as the bundled recipe `name` attacks."""
+        other = load_recipe(name)
+        return dataclasses.replace(self, name=name, attack=other.attack, choice=other.choice, text=other.text)
+
     def to_dict(self) -> dict[str, Any]:
         """The recipe as a recipe file spells it: every `[attack]` key in one table."""
         out = dataclasses.asdict(self)
@@ -148,12 +153,6 @@ class Recipe:
         from leakkit.client.defenses import format_chain, parse_chain
 
         self.defense = format_chain(parse_chain(self.defense))
-
-
-def with_attack_of(recipe: Recipe, name: str) -> Recipe:
-    """`recipe` (task, data, client, defense, metrics) attacked as the bundled recipe `name` attacks."""
-    other = load_recipe(name)
-    return dataclasses.replace(recipe, name=name, attack=other.attack, choice=other.choice, text=other.text)
 
 
 SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "text": TextAttackSettings, "metrics": MetricsSpec, "client": ClientSpec}

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from leakkit.errors import ConfigError, InputError
+from leakkit.files import apply_mode
 
 
 def provenance(*, seed: int, device: str) -> dict[str, Any]:
@@ -47,6 +51,43 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def claim_output(
+    path: str | Path, *, resume: bool = False, overwrite: bool = False, marker: str = "config.json", what: str = "run",
+    checks_itself: bool = False,
+) -> Path:
+    """Check that `path` may receive a run (or an audit) and return it.
+
+    Absent or empty: a new one. Holding one (`marker` present): `resume` continues it, `overwrite`
+    replaces it; without either it is refused, so a finished run is never overwritten by accident.
+    Anything else there (a file, a non-empty folder of something else) is refused. With
+    `checks_itself`, an existing one is left to the caller (an audit compares its spec first).
+
+    Raises:
+        InputError: one line saying what is at `path` and which flag (if any) would proceed.
+    """
+    p = Path(path)
+    if resume and overwrite:
+        raise ConfigError("--resume continues and --overwrite replaces: give one of them")
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {p} is a file; give a directory for the {what}")
+    empty = not p.exists() or not any(p.iterdir())
+    holds = (p / marker).is_file()
+    if resume:
+        if not holds:
+            raise InputError(f"--resume: {p} holds no {what} to continue")
+        return p
+    if empty:
+        return p
+    if not holds:
+        raise InputError(f"--out {p} is not empty and holds no {what}; choose another directory")
+    if not overwrite:
+        if checks_itself:
+            return p
+        raise InputError(f"--out {p} already holds a {what}; pass --resume to continue it or --overwrite to replace it")
+    shutil.rmtree(p)
+    return p
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a reader (or a crash) never sees a half-written file.
 
@@ -55,6 +96,7 @@ def write_json(path: Path, obj: Any) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    apply_mode(tmp)  # mkstemp makes 0600: JSON gets the same bits as the pictures beside it
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(_finite(obj), f, indent=2, allow_nan=False, default=_json_default)
@@ -91,11 +133,20 @@ class RunDir:
     recovered.safetensors (the recovered inputs).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, resume: bool = False) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._trace = self.path / "trace.jsonl"
-        self._trace.write_text("", encoding="utf-8")
+        if not (resume and self._trace.exists()):
+            self._trace.write_text("", encoding="utf-8")
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON file of this run; InputError if it is missing or unreadable."""
+        f = self.path / name
+        try:
+            return json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {f}: {e}") from None
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path / "config.json", config)
@@ -128,4 +179,4 @@ class RunDir:
 
         path = self.path / name
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-        return path
+        return apply_mode(path)

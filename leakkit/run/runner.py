@@ -10,6 +10,7 @@ but the hooks' scoring, which uses `leakkit.metrics`.
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +34,10 @@ class Artifacts(Protocol):
     def add(self, task: Any, batch: Any, recovery: Any, scored: list[dict[str, Any]]) -> None: ...
 
     def write(self, run: RunDir, rows: list[dict[str, Any]]) -> None: ...
+
+    def restore(self, run: RunDir, task: Any, batches: Sequence[Any], rows: list[dict[str, Any]]) -> None:
+        """Take back what a resumed run had shown for its finished batches (`rows`)."""
+        ...
 
 
 class ModalityRun(Protocol):
@@ -126,6 +131,7 @@ def run_recipe(
     callbacks: Sequence[StepCallback] = (),
     on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
     only_batches: Sequence[int] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Simulate, attack and score; write the run directory; return the metrics dict.
 
@@ -140,6 +146,7 @@ def run_recipe(
         callbacks: extra engine step callbacks.
         on_batch: called with (batch index, scored rows) after each batch.
         only_batches: attack only these client batches of the drawn data (an audit's cells).
+        resume: continue the run in `out` (same recipe, input, samples and seed), skipping its finished batches.
     Returns:
         {"recipe", "summary", "samples" (one row per example), "provenance"} (+ the modality's notes).
     Raises:
@@ -151,14 +158,19 @@ def run_recipe(
     pool = hooks.load_samples(recipe, input_path=input_path, samples=samples, seed=seed)
     task = hooks.build_task(recipe, seed=seed, device=device)
     batches = hooks.make_batches(task, recipe, pool, seed=seed)
-    run = RunDir(out)
+    run = RunDir(out, resume=resume)
     prov = provenance(seed=seed, device=device)
     notes = hooks.notes(task)
-    run.write_config({"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "seed": seed, "device": device, **notes})
-
+    config = {"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "seed": seed, "device": device, **notes}
     rows: list[dict[str, Any]] = []
     attack_notes: list[str] = []
     shown = hooks.artifacts()
+    if resume:
+        rows = _resumable_rows(run, config)
+        shown.restore(run, task, batches, rows)
+    else:
+        run.write_config(config)
+    finished = {r["batch"] for r in rows}
     step_callbacks = list(callbacks) + ([progress] if progress is not None else [])
     interrupted = False
     started = time.perf_counter()
@@ -173,7 +185,7 @@ def run_recipe(
 
     try:
         for b, batch in enumerate(batches):
-            if only_batches is not None and b not in only_batches:
+            if (only_batches is not None and b not in only_batches) or b in finished:
                 continue
             if progress is not None:
                 progress.start(f"batch {b + 1}/{len(batches)}", _progress_total(recipe))
@@ -221,6 +233,17 @@ def run_recipe(
         unit = hooks.modality.unit
         raise Interrupted(f"interrupted after {len(rows)} of {len(pool)} {unit}s; results saved in {run.path}") from None
     return save()
+
+
+def _resumable_rows(run: RunDir, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The scored rows of the run being resumed, after checking it is the same run."""
+    before = run.read_json("config.json")
+    same = lambda c: json.loads(json.dumps({k: v for k, v in c.items() if k not in ("device", "notes")}, default=str))  # noqa: E731
+    if same(before) != same(config):
+        raise InputError(f"{run.path} holds a different run (recipe, input, samples or seed); --overwrite replaces it")
+    if not (run.path / "metrics.json").is_file():
+        return []
+    return list(run.read_json("metrics.json").get("samples", []))
 
 
 def _success_watch(probe: Callable[[torch.Tensor], list[bool]], first: dict[int, float]) -> StepCallback:

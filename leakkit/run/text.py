@@ -201,6 +201,9 @@ class _Transcripts:
     def add(self, task: TextTask, batch: ClientSentences, recovery: TextRecovery, scored: list[dict[str, Any]]) -> None:
         pass  # everything shown is in the scored rows
 
+    def restore(self, run: RunDir, task: TextTask, batches: Sequence[ClientSentences], rows: list[dict[str, Any]]) -> None:
+        pass  # diff.txt and recovered.txt are rewritten from the rows
+
     def write(self, run: RunDir, rows: list[dict[str, Any]]) -> None:
         run.write_text("diff.txt", text_diff(rows))
         run.write_text("recovered.txt", "".join(f"{r['recovered'] or ''}\n" for r in rows))

@@ -180,6 +180,24 @@ class _Pictures:
         truth, rec = to_uint8_images(batch.pixels), to_uint8_images(recovered_pixels)
         self.pairs += [(truth[i], rec[r["matched_slot"]]) for i, r in enumerate(scored)]
 
+    def restore(self, run: RunDir, task: Task, batches: Sequence[Batch], rows: list[dict[str, Any]]) -> None:
+        saved = run.path / "recovered.safetensors"
+        if not rows or not saved.is_file():
+            return
+        from safetensors.torch import load_file
+
+        inputs, start = load_file(str(saved))["inputs"], 0
+        for b in dict.fromkeys(r["batch"] for r in rows):  # finished batches, in the order they were saved
+            scored = [r for r in rows if r["batch"] == b]
+            if scored[0].get("matched_slot") is None:
+                continue  # a failed batch saved no recovery
+            n = len(batches[b].samples)
+            chunk = inputs[start : start + n]
+            start += n
+            self.recovered.append(chunk)
+            truth, rec = to_uint8_images(batches[b].pixels), to_uint8_images(task.to_pixels(chunk.double()).float())
+            self.pairs += [(truth[i], rec[r["matched_slot"]]) for i, r in enumerate(scored)]
+
     def write(self, run: RunDir, rows: list[dict[str, Any]]) -> None:
         if self.pairs:
             lines: list[list[np.ndarray]] = []
