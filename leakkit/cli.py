@@ -191,6 +191,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_recipe(recipe, out=out, input_path=args.input, samples=args.samples, seed=args.seed, device=args.device,
                             progress=progress, resume=args.resume)
     if not args.quiet:
+        if args.input:
+            read = result["input_read"]
+            console.print(f"read {read['examples']} example(s) from {args.input}, {read['labelled']} with a label"
+                          + ("" if read["labelled"] else " (labels are drawn with the seed)"))
         _print_summary(console, recipe.name, result, out)
     s = result["summary"]
     if s["diverged"]:

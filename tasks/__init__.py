@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from leakkit.errors import InputError
 from leakkit.registry import Registry
 from leakkit.tasks.base import Task
 from leakkit.tasks.models import MODELS, build_model, torchvision_available
@@ -67,6 +68,19 @@ def tasks_of(modality: str) -> list[str]:
     return sorted(n for n, m in _TASK_MODALITY.items() if m == modality)
 
 
+def check_labels(labels: list[int | None], num_classes: int) -> None:
+    """InputError unless every given label is a class of the task (never wrapped modulo the class count)."""
+    given = [y for y in labels if y is not None]
+    if not given:
+        return
+    low, high, distinct = min(given), max(given), len(set(given))
+    if low < 0 or high >= num_classes:
+        raise InputError(
+            f"the data has {distinct} class(es) with labels {low}..{high}, but task.num_classes={num_classes}; "
+            f"set task.num_classes={max(high + 1, distinct)} (labels must be 0..num_classes-1)"
+        )
+
+
 @register_task("image-classification", modality="image", description="image classifier; attack searches normalised pixels")
 def _image_classification(**options: Any) -> Task:
     return ImageClassification.from_name(**options)
@@ -87,6 +101,6 @@ def _sequence_classification(**options: Any) -> Task:
 
 
 __all__ = [
-    "Task", "ImageClassification", "TASKS", "MODELS", "MODALITIES", "Modality", "build_model",
+    "Task", "ImageClassification", "TASKS", "MODELS", "MODALITIES", "Modality", "build_model", "check_labels",
     "modality_of", "register_task", "tasks_of", "torchvision_available",
 ]

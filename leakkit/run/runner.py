@@ -161,7 +161,8 @@ def run_recipe(
     run = RunDir(out, resume=resume)
     prov = provenance(seed=seed, device=device)
     notes = hooks.notes(task)
-    config = {"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "seed": seed, "device": device, **notes}
+    read = {"examples": len(pool), "labelled": sum(1 for s in pool if getattr(s, "label", None) is not None)}
+    config = {"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "input_read": read, "seed": seed, "device": device, **notes}
     rows: list[dict[str, Any]] = []
     attack_notes: list[str] = []
     shown = hooks.artifacts()
@@ -178,7 +179,8 @@ def run_recipe(
     def save() -> dict[str, Any]:
         prov["wall_seconds"] = round(time.perf_counter() - started, 3)
         summary = hooks.summarize(rows, recipe, interrupted=interrupted)
-        result = {"recipe": recipe.name, "summary": summary, "samples": rows, "provenance": prov, **notes, "attack_notes": attack_notes}
+        result = {"recipe": recipe.name, "summary": summary, "samples": rows, "input_read": read, "provenance": prov, **notes,
+                  "attack_notes": attack_notes}
         run.write_metrics(result)
         shown.write(run, rows)
         return result

@@ -22,7 +22,7 @@ from leakkit.client.victim import defend, observe, per_example_gradients
 from leakkit.errors import InputError
 from leakkit.run.config import Recipe
 from leakkit.run.rundir import RunDir
-from leakkit.tasks import MODALITIES
+from leakkit.tasks import MODALITIES, check_labels
 from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
 from leakkit.text.attack import TextRecovery
 from leakkit.text.data import TextSample, draw_text, read_input
@@ -60,7 +60,8 @@ def make_text_batch(task: TextTask, samples: Sequence[TextSample], *, seed: int)
     texts = [s.text for s in samples]
     if isinstance(task, MaskedLanguageModeling):
         return task.make_batch(texts, generator=gen)
-    labels = [s.label % task.num_classes if s.label is not None else int(torch.randint(task.num_classes, (), generator=gen)) for s in samples]
+    check_labels([s.label for s in samples], task.num_classes)
+    labels = [s.label if s.label is not None else int(torch.randint(task.num_classes, (), generator=gen)) for s in samples]
     return task.make_batch(texts, labels)  # type: ignore[attr-defined]
 
 

@@ -21,7 +21,7 @@ from leakkit.engine.matching import Recovery
 from leakkit.errors import InputError
 from leakkit.run.config import Recipe
 from leakkit.run.rundir import RunDir
-from leakkit.tasks import MODALITIES, TASKS, Task
+from leakkit.tasks import MODALITIES, TASKS, Task, check_labels
 from leakkit.vision.data import SOURCES, Sample, draw, resize
 from leakkit.vision.pictures import grid, to_uint8_images
 
@@ -79,7 +79,8 @@ def make_batches(recipe: Recipe, samples: Sequence[Sample], *, seed: int) -> lis
     spec, bs = recipe.task, recipe.data.batch_size
     rng = np.random.default_rng(seed + 7)
     pixels = np.stack([resize(s.image, spec.image_size, spec.channels) for s in samples])
-    labels = [s.label % spec.num_classes if s.label is not None else int(rng.integers(spec.num_classes)) for s in samples]
+    check_labels([s.label for s in samples], spec.num_classes)
+    labels = [s.label if s.label is not None else int(rng.integers(spec.num_classes)) for s in samples]
     return [
         Batch(
             samples=list(samples[start : start + bs]),

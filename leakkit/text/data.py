@@ -2,7 +2,8 @@
 
 The embedded default is twenty sentences written for leakkit (leakkit/text/sentences.txt), so a text
 recipe runs with nothing downloaded; users bring their own text as a .txt (one sentence per
-line) or a .tsv (a sentence column and an optional integer label column, in either order).
+line), a .tsv or a .csv (a sentence column and an optional integer label column: named by a header row
+`sentence`/`text` and `label`, or without a header in either order).
 """
 
 from __future__ import annotations
@@ -52,12 +53,39 @@ def lines(path: str) -> list[TextSample]:
     return [TextSample(t.strip(), None, f"{p.name}:{k}") for k, t in enumerate(_read_lines(p), 1)]
 
 
-@TEXT_SOURCES.register("tsv", description="tab-separated sentence and integer label columns (either order), no header")
-def tsv(path: str) -> list[TextSample]:
+TEXT_COLUMNS = ("sentence", "text")  # header names read as the sentence column
+LABEL_COLUMNS = ("label",)
+
+
+def _table(path: str, delimiter: str) -> list[TextSample]:
+    """Rows of a delimited file: by its header when the first row names a sentence/text column,
+    else a sentence cell and an optional integer label cell in either order."""
+    import csv
+
     p = Path(path)
+    # a TSV cell may hold quote marks as text (SST-2 does); only CSV uses quoting
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    rows = [r for r in csv.reader(_read_lines(p), delimiter=delimiter, quoting=quoting)]
+    head = [c.strip().lower() for c in rows[0]]
+    text_col = next((head.index(n) for n in TEXT_COLUMNS if n in head), None)
+    if text_col is None and len(head) > 1 and not any(c.lstrip("-").isdigit() for c in head) and any(n in head for n in LABEL_COLUMNS):
+        raise InputError(f"{p}: header {', '.join(rows[0])} has no sentence column; name it {' or '.join(TEXT_COLUMNS)}")
     out = []
-    for k, row in enumerate(_read_lines(p), 1):
-        cells = row.split("\t")
+    if text_col is not None:
+        label_col = next((head.index(n) for n in LABEL_COLUMNS if n in head), None)
+        for k, row in enumerate(rows[1:], 2):
+            if text_col >= len(row) or not row[text_col].strip():
+                raise InputError(f"{p}:{k}: no sentence in column {rows[0][text_col]!r}")
+            label = None
+            if label_col is not None and label_col < len(row) and row[label_col].strip():
+                if not row[label_col].strip().lstrip("-").isdigit():
+                    raise InputError(f"{p}:{k}: label {row[label_col]!r} is not an integer")
+                label = int(row[label_col])
+            out.append(TextSample(row[text_col].strip(), label, f"{p.name}:{k}"))
+        if not out:
+            raise InputError(f"{p} has a header and no sentences")
+        return out
+    for k, cells in enumerate(rows, 1):
         label = next((int(c) for c in cells if c.strip().lstrip("-").isdigit()), None)
         text = next((c for c in cells if not c.strip().lstrip("-").isdigit() and c.strip()), "")
         if not text:
@@ -66,15 +94,28 @@ def tsv(path: str) -> list[TextSample]:
     return out
 
 
+@TEXT_SOURCES.register("tsv", description="tab-separated sentence and integer label columns: by a header (sentence/text, label), else in either order")
+def tsv(path: str) -> list[TextSample]:
+    return _table(path, "\t")
+
+
+@TEXT_SOURCES.register("csv", description="comma-separated, as tsv (quoted commas inside sentences are kept)")
+def csv_file(path: str) -> list[TextSample]:
+    return _table(path, ",")
+
+
 @TEXT_SOURCES.register("embedded-text", description="20 sentences shipped with leakkit (no download)")
 def embedded(_path: str = "") -> list[TextSample]:
     text = resources.files("leakkit.text").joinpath("sentences.txt").read_text(encoding="utf-8")
     return [TextSample(t, None, f"embedded:{k}") for k, t in enumerate(text.splitlines(), 1) if t.strip()]
 
 
+SUFFIX_SOURCES = {".tsv": "tsv", ".csv": "csv"}  # any other suffix: one sentence per line
+
+
 def read_input(path: str) -> list[TextSample]:
-    """Sentences from a user's --input: .tsv by columns, anything else one per line."""
-    return (tsv if path.endswith(".tsv") else lines)(path)
+    """Sentences from a user's --input: .tsv and .csv by columns (header or not), anything else one per line."""
+    return TEXT_SOURCES.get(SUFFIX_SOURCES.get(Path(path).suffix.lower(), "lines"))(path)
 
 
 def draw_text(source: str, path: str, n: int) -> list[TextSample]:

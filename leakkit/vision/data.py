@@ -6,6 +6,7 @@ scikit-learn (whole and in quadrants) and scikit-image's 200 LFW crops.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -96,13 +97,21 @@ def files(path: str = "") -> list[Sample]:
     root = Path(path)
     if not root.exists():
         raise InputError(f"input not found: {root}")
-    if root.is_dir():
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
-            raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {root}")
-    else:
-        paths = [root]
-    return [Sample(read_image(p), None, str(p)) for p in paths]
+    if not root.is_dir():
+        return [Sample(read_image(root), None, str(root))]
+    found = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    samples, skipped = [], [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
+    for p in found:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                samples.append(Sample(read_image(p), None, str(p)))
+            except InputError:
+                skipped.append(p)  # named like an image, but not one
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} file(s) in {root} that are not readable images (e.g. {skipped[0].name})", stacklevel=2)
+    if not samples:
+        raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) that can be read in folder {root}")
+    return samples
 
 
 @SOURCES.register("hf-imagefolder", description="a Hugging Face `datasets` image folder on disk (data.path), labels from sub-folders")
@@ -111,6 +120,7 @@ def hf_imagefolder(path: str = "") -> list[Sample]:
         raise InputError(f"hf-imagefolder needs data.path to be a folder, got {path!r}")
     import datasets
 
+    datasets.disable_progress_bars()  # its bars would interleave with leakkit's one-line messages on stderr
     ds = datasets.load_dataset("imagefolder", data_dir=path, split="train")
     return _from_hf(ds, path)
 
