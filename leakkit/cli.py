@@ -432,5 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+_WARNED: set[str] = set()
+
+
 def _one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    print(f"leakkit: warning: {message}", file=sys.stderr)
+    # each distinct warning once per command: an audit builds the same model for every cell
+    text = str(message)
+    if text not in _WARNED:
+        _WARNED.add(text)
+        print(f"leakkit: warning: {text}", file=sys.stderr)

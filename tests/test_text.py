@@ -299,3 +299,36 @@ def test_classification_adapter_label_count(cls_dir: Path) -> None:
     assert isinstance(task, SequenceClassification) and task.num_classes == 2
     w, b = task.classifier_parameter_names()
     assert w.endswith("classifier.weight") and b and b.endswith("classifier.bias")
+
+
+def test_a_model_saved_with_sdpa_attention_is_attacked_with_eager_attention(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from leakkit.tasks.text import load_pretrained
+
+    root = tmp_path / "sdpa"
+    root.mkdir()
+    _tokenizer_dir(root)
+    cfg = BertConfig(vocab_size=len(AutoTokenizer.from_pretrained(root)), hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
+    BertForSequenceClassification._from_config(cfg, attn_implementation="sdpa").save_pretrained(root)
+    net, tokenizer, _ = load_pretrained(str(root), head="sequence-classification")
+    assert net.config._attn_implementation == "eager"
+    # the attack differentiates the gradient itself: this fails through SDPA on CPU
+    task = SequenceClassification(net, tokenizer)
+    batch = task.make_batch(["the cat sat"], [1])
+    view = task.with_layout(batch.layout)
+    x = view.embed(batch.input_ids).detach().double().requires_grad_(True)
+    view.model.double()
+    grads = view.gradients(x, batch.labels, create_graph=True, matched=True)
+    (g2,) = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), [x])
+    assert torch.isfinite(g2).all()
+
+
+def test_an_audit_says_the_new_head_warning_once(mlm_dir: Path, tmp_path: Path) -> None:
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("the cat sat on the mat\na dog ran far away\nbirds sing at dawn\n", encoding="utf-8")
+    proc = run_cli("audit", "bert-exact", "task.name=sequence-classification", f"model={mlm_dir}", "--input", str(sentences),
+                   "--out", str(tmp_path / "a"), "--no-utility", "--no-report", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert sum("newly initialised" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
