@@ -68,6 +68,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     aud.add_argument("--workers", type=int, help="Ray CPUs to start locally (default: all cores)")
     aud.add_argument("--ray-address", help="address of an existing Ray cluster (default: $RAY_ADDRESS, else start one)")
     aud.add_argument("--no-utility", action="store_true", help="skip training the model under each defense")
+    aud.add_argument("--no-baseline", action="store_true", help="do not add the undefended setting as the reference row")
     aud.add_argument("--no-report", action="store_true", help="do not write plots and report.html at the end")
 
     rep = sub.add_parser("report", help="plots and an offline HTML report of an audit directory")
@@ -76,6 +77,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
 
     lst = sub.add_parser("list", help="recipes, tasks, models, objectives, label strategies, ...")
     lst.add_argument("what", nargs="?", default="all", help="one of: all, " + ", ".join(_CATALOGUES))
+    lst.add_argument("--json", action="store_true", help="machine-readable: every entry with its description and parameters")
     return p, {"run": run, "observe": obs, "attack": att, "audit": aud, "report": rep, "list": lst}
 
 
@@ -133,8 +135,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     if args.what != "all" and args.what not in _CATALOGUES:
         raise ConfigError(f"unknown catalogue {args.what!r}; valid: all, {', '.join(_CATALOGUES)}")
+    chosen = list(_CATALOGUES) if args.what == "all" else [args.what]
+    if args.json:
+        import json
+
+        out = {what: [{"name": n, "description": d, "parameters": _parameters(what, n)} for n, d in _CATALOGUES[what]()] for what in chosen}
+        if args.what == "all":
+            from leakkit.run.config import recipe_keys
+
+            out["recipe-keys"] = recipe_keys()
+        print(json.dumps(out, indent=2, default=str))
+        return 0
     console = _console()
-    for what in _CATALOGUES if args.what == "all" else [args.what]:
+    for what in chosen:
         table = Table(title=what, title_justify="left", show_header=False, box=None, pad_edge=False)
         table.add_column("name", style="bold cyan", no_wrap=True)
         table.add_column("description")
@@ -143,6 +156,21 @@ def cmd_list(args: argparse.Namespace) -> int:
         console.print(table)
         console.print()
     return 0
+
+
+def _parameters(catalogue: str, name: str) -> dict[str, Any]:
+    """What `list --json` tells a script about one entry beyond its description."""
+    if catalogue == "defenses":
+        from leakkit.client.defenses import DEFENSES
+
+        d = DEFENSES.get(name)
+        return {k: {"default": p.default, "low": p.low, "high": p.high, "low_open": p.low_open, "integer": p.integer, "swept": k == d.strength}
+                for k, p in d.params.items()}
+    if catalogue == "recipes":
+        from leakkit.run.config import load_recipe
+
+        return load_recipe(name).to_dict()
+    return {}
 
 
 def _progress(args: argparse.Namespace, console: Any) -> Any:
@@ -317,6 +345,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     spec = AuditSpec(
         recipe=args.recipe, overrides=list(args.overrides), grid=list(args.grid), defenses=list(args.defense),
         samples=args.samples, input=args.input, seed=args.seed, device=args.device, utility=not args.no_utility,
+        baseline=not args.no_baseline,
     )
     out = str(_claim(args, _default_out(args.recipe).replace("runs/", "audits/", 1), "audit"))
     console = _console()
@@ -368,15 +397,23 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
     first = rows[0] if rows else {}
     score = "ROUGE-1" if first.get("score") == "rouge1" else "PSNR"
     spec = ".3f" if score == "ROUGE-1" else ".1f"
-    table = Table(title=f"{summary['recipe']}: success = {score} ≥ {fmt(first.get('success_threshold'), 'g')}", title_justify="left")
-    for col in ("setting", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "s / batch", "utility acc."):
-        table.add_column(col, justify="left" if col == "setting" else "right")
+    done, total = sum(r["batches_done"] for r in rows), sum(r["batches"] for r in rows)
+    partial = "" if done == total else f" · INCOMPLETE: {done} of {total} cells"
+    table = Table(title=f"{summary['recipe']}: success = {score} ≥ {fmt(first.get('success_threshold'), 'g')}{partial}", title_justify="left")
+    grid = any(r["grid"] for r in rows)
+    utility = any(r["utility_accuracy"] is not None for r in rows)
+    names = ([("setting", lambda r: " ".join(r["grid"]))] if grid else []) + [("defense", lambda r: r["defense"])]
+    for name, get in names:  # full names, never cut: the numbers get the room that is left
+        table.add_column(name, justify="left", no_wrap=True, min_width=max(len(name), *(len(get(r)) for r in rows)) if rows else None)
+    for col in ("n", "success [95 % CI]", f"{score} median [IQR]", "labels", "s/batch") + (("utility",) if utility else ()):
+        table.add_column(col, justify="right")
     for r in rows:
         lo, hi = r["success_ci95"]
         table.add_row(
-            r["label"] or "none", str(r["n"]), fmt(r["success_rate"], ".0%"), f"{lo:.0%}–{hi:.0%}", fmt(r["score_median"], spec),
-            f"{fmt(r['score_q25'], spec)}–{fmt(r['score_q75'], spec)}", fmt(r["label_accuracy"], ".0%"),
-            fmt(r["attacker_seconds_median"], ".1f"), fmt(r["utility_accuracy"], ".1%"),
+            *[get(r) for _, get in names], str(r["n"]), f"{fmt(r['success_rate'], '.0%')} [{lo:.0%}–{hi:.0%}]",
+            f"{fmt(r['score_median'], spec)} [{fmt(r['score_q25'], spec)}–{fmt(r['score_q75'], spec)}]",
+            fmt(r["label_accuracy"], ".0%"), fmt(r["attacker_seconds_median"], ".1f"),
+            *((fmt(r["utility_accuracy"], ".1%"),) if utility else ()),
         )
     console.print(table)
     console.print(f"tables: {out}/summary.csv, {out}/samples.csv · report: {out}/report.html")

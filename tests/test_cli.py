@@ -186,3 +186,16 @@ def test_every_file_of_a_run_follows_the_umask(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert {"config.json", "metrics.json", "grid.png", "recovered.safetensors"} <= set(modes)
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_list_json_describes_every_registry_for_scripts():
+    proc = run_cli("list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {"recipes", "defenses", "attacks", "objectives", "recipe-keys"} <= set(data)
+    noise = next(d for d in data["defenses"] if d["name"] == "noise")
+    assert noise["parameters"]["std"]["swept"] is True and noise["parameters"]["std"]["default"] == 1e-3
+    assert next(d for d in data["recipes"] if d["name"] == "dlg")["parameters"]["attack"]["objective"] == "l2"
+    assert {"key": "data.batch_size", "type": "int", "default": 1} in data["recipe-keys"]
+    one = json.loads(run_cli("list", "attacks", "--json").stdout)
+    assert list(one) == ["attacks"] and {"match", "exact", "auto"} <= {d["name"] for d in one["attacks"]}

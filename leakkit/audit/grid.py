@@ -76,6 +76,7 @@ class AuditSpec:
     seed: int = 0
     device: str = "cpu"
     utility: bool = True
+    baseline: bool = True
 
     def resolve(self, name: str, overrides: Iterable[str] = ()) -> Recipe:
         return load_recipe(name, [*self.overrides, *overrides])
@@ -116,6 +117,8 @@ def plan(spec: AuditSpec) -> tuple[Recipe, list[Setting]]:
         for chain in sweep(d):
             if chain not in chains:
                 chains.append(chain)
+    if spec.baseline and spec.defenses and not any(c == "none" or strength(c)[1] == 0 for c in chains):
+        chains.insert(0, "none")  # the reference row: what the defenses changed
     combos = parse_grid(spec.grid)
     if not chains or not combos:
         raise ConfigError("the audit grid is empty: give at least one --defense or --grid value")

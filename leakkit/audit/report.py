@@ -8,14 +8,12 @@ against utility. Images are embedded in the HTML as data URIs, so the file stand
 from __future__ import annotations
 
 import base64
-import html
 import math
 from pathlib import Path
 from typing import Any
 
 from leakkit.audit.grid import AuditDir, Job, collect
 
-MAX_GRIDS = 2
 MAX_DIFF_CHARS = 4000
 
 
@@ -35,12 +33,14 @@ def _score_name(rows: list[dict[str, Any]]) -> str:
 def plot_success(rows: list[dict[str, Any]], path: Path) -> Path:
     """Bar chart: success rate of every setting with its 95 % Wilson interval."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 2), 3.6))
+    # horizontal bars: setting names of any length stay readable and never overlap
+    fig, ax = plt.subplots(figsize=(8.0, max(2.5, 0.35 * len(rows) + 1.2)))
     rates = [r["success_rate"] or 0.0 for r in rows]
-    ax.bar(range(len(rows)), rates, yerr=_ci_errors(rows), capsize=3, color="#4c72b0")
-    ax.set_xticks(range(len(rows)), [r["label"] or "none" for r in rows], rotation=40, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("attack success rate")
+    ax.barh(range(len(rows)), rates, xerr=_ci_errors(rows), capsize=3, color="#4c72b0")
+    ax.set_yticks(range(len(rows)), [r["label"] or "none" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("attack success rate")
     thr = rows[0]["success_threshold"] if rows else None
     ax.set_title(f"success = {_score_name(rows).split()[0]} ≥ {thr:g} · bars: 95 % Wilson CI", fontsize=9)
     fig.tight_layout()
@@ -90,9 +90,9 @@ def plot_privacy_utility(rows: list[dict[str, Any]], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in points:
-        ax.errorbar(r["utility_accuracy"], r["success_rate"] or 0.0, yerr=_ci_errors([r]), marker="o", capsize=3)
-        ax.annotate(r["label"] or "none", (r["utility_accuracy"], r["success_rate"] or 0.0), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    for r in points:  # a legend instead of annotations: nearby points' labels would overlap
+        ax.errorbar(r["utility_accuracy"], r["success_rate"] or 0.0, yerr=_ci_errors([r]), marker="o", capsize=3, label=r["label"] or "none")
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("utility: held-out accuracy trained under the defense")
     ax.set_ylabel("privacy loss: attack success rate")
     ax.set_ylim(-0.03, 1.05)
@@ -146,47 +146,35 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def _html(summary: dict[str, Any], figures: list[tuple[str, Path]], adir: AuditDir) -> str:
+    """report.html from its Jinja2 template (autoescaped: labels, sentences and paths are data)."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
     rows = summary["settings"]
-    spec = summary["spec"]
-    esc = html.escape
     score = _score_name(rows)
     sf = ".3f" if score == "ROUGE-1" else ".1f"
-    head = ["setting", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "attacker s/batch", "utility acc."]
-    body = []
-    for r in rows:
-        lo, hi = r["success_ci95"]
-        cells = [r["label"] or "none", r["n"], _fmt(r["success_rate"], ".0%"), f"{lo:.0%}–{hi:.0%}", _fmt(r["score_median"], sf),
-                 f"{_fmt(r['score_q25'], sf)}–{_fmt(r['score_q75'], sf)}", _fmt(r["label_accuracy"], ".0%"),
-                 _fmt(r["attacker_seconds_median"], ".2f"), _fmt(r["utility_accuracy"], ".1%")]
-        body.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>leakkit audit: " + esc(summary["recipe"]) + "</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:collapse;font-size:14px}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}pre{background:#f6f6f6;padding:8px;"
-        "overflow-x:auto;font-size:12px}img{max-width:100%}</style></head><body>",
-        f"<h1>leakkit audit: {esc(summary['recipe'])}</h1>",
-        f"<p>Success means {esc(score.split()[0])} ≥ {_fmt(rows[0]['success_threshold'] if rows else None, 'g')} (from the recipe). "
-        "Intervals are 95 % Wilson score intervals over the attacked examples. "
-        f"Seed {spec['seed']}, samples per setting {esc(str(spec['samples'] or 'recipe default'))}, overrides {esc(' '.join(spec['overrides']) or 'none')}.</p>",
-        "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(body) + "</table>",
+    table = [
+        [" ".join(r["grid"]) or "-", r["defense"], r["n"], _fmt(r["success_rate"], ".0%"),
+         f"{r['success_ci95'][0]:.0%}–{r['success_ci95'][1]:.0%}", _fmt(r["score_median"], sf),
+         f"{_fmt(r['score_q25'], sf)}–{_fmt(r['score_q75'], sf)}", _fmt(r["label_accuracy"], ".0%"),
+         _fmt(r["attacker_seconds_median"], ".2f"), _fmt(r["utility_accuracy"], ".1%")]
+        for r in rows
     ]
-    for title, path in figures:
-        parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='{_data_uri(path)}'>")
-    parts.append("<h2>Recoveries</h2>")
+    recoveries = []
     for r in rows:
-        parts.append(f"<h3>{esc(r['label'] or 'none')}</h3>")
-        shown = 0
+        cells = []
         for b in range(r["batches"]):
             cell = adir.cell(Job("cell", r["setting"], b))
-            if shown >= MAX_GRIDS:
-                break
             if (cell / "grid.png").is_file():
-                parts.append(f"<p>batch {b}: truth (upper row) and recovery (lower row)</p><img src='{_data_uri(cell / 'grid.png')}'>")
-                shown += 1
+                cells.append({"batch": b, "image": _data_uri(cell / "grid.png")})
             elif (cell / "diff.txt").is_file():
-                parts.append(f"<pre>{esc((cell / 'diff.txt').read_text(encoding='utf-8')[:MAX_DIFF_CHARS])}</pre>")
-                shown += 1
-        if shown == 0:
-            parts.append("<p>no finished cell yet</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+                cells.append({"batch": b, "text": (cell / "diff.txt").read_text(encoding="utf-8")[:MAX_DIFF_CHARS]})
+        recoveries.append({"label": r["label"] or "none", "cells": cells, "total": r["batches"]})
+    env = Environment(loader=PackageLoader("leakkit.audit", "."), autoescape=select_autoescape(["html", "j2"]))
+    return env.get_template("report.html.j2").render(
+        recipe=summary["recipe"], spec=summary["spec"], score_short=score.split()[0],
+        threshold=_fmt(rows[0]["success_threshold"] if rows else None, "g"),
+        head=["setting", "defense", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "attacker s/batch", "utility acc."],
+        table=table, figures=[(title, _data_uri(path)) for title, path in figures], recoveries=recoveries,
+        cells_done=sum(r["batches_done"] for r in rows), cells_total=sum(r["batches"] for r in rows),
+        has_baseline=any(r["defense"] == "none" for r in rows) and len(rows) > 1,
+    )

@@ -233,6 +233,19 @@ def valid_keys() -> list[str]:
     return keys + [f"attack.{f.name}" for part in ("choice", "text") for f in dataclasses.fields(ATTACK_PARTS[part])]
 
 
+def recipe_keys() -> list[dict[str, Any]]:
+    """Every `section.key` an override may name, with its type and default (for `leakkit list --json`)."""
+    out = []
+    for key in valid_keys():
+        section, _, name = key.partition(".")
+        cls = next(c for c in ([*ATTACK_PARTS.values()] if section == "attack" else [SECTIONS[section]]) if name in {f.name for f in dataclasses.fields(c)})
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        hint = typing.get_type_hints(cls)[name]
+        out.append({"key": key, "type": hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", ""), "default": default})
+    return out
+
+
 def apply_override(recipe: Recipe, item: str) -> None:
     """Apply one `section.key=value` (or `attack.priors.NAME=value`) to the recipe in place."""
     key, sep, value = item.partition("=")

@@ -174,12 +174,14 @@ class _Pictures:
     def __init__(self) -> None:
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.recovered: list[torch.Tensor] = []
+        self.captions: list[str] = []
 
     def add(self, task: Task, batch: Batch, recovery: Recovery, scored: list[dict[str, Any]]) -> None:
         recovered_pixels = task.to_pixels(recovery.inputs.double()).float()
         self.recovered.append(recovery.inputs)
         truth, rec = to_uint8_images(batch.pixels), to_uint8_images(recovered_pixels)
         self.pairs += [(truth[i], rec[r["matched_slot"]]) for i, r in enumerate(scored)]
+        self.captions += [_caption(r) for r in scored]
 
     def restore(self, run: RunDir, task: Task, batches: Sequence[Batch], rows: list[dict[str, Any]]) -> None:
         saved = run.path / "recovered.safetensors"
@@ -198,16 +200,24 @@ class _Pictures:
             self.recovered.append(chunk)
             truth, rec = to_uint8_images(batches[b].pixels), to_uint8_images(task.to_pixels(chunk.double()).float())
             self.pairs += [(truth[i], rec[r["matched_slot"]]) for i, r in enumerate(scored)]
+            self.captions += [_caption(r) for r in scored]
 
     def write(self, run: RunDir, rows: list[dict[str, Any]]) -> None:
         if self.pairs:
             lines: list[list[np.ndarray]] = []
+            captions: list[list[str]] = []
             for k in range(0, len(self.pairs), GRID_COLUMNS):
                 chunk = self.pairs[k : k + GRID_COLUMNS]
                 lines += [[t for t, _ in chunk], [r for _, r in chunk]]
-            run.save_image("grid.png", grid(lines))
+                captions += [["truth"] * len(chunk), self.captions[k : k + GRID_COLUMNS]]
+            run.save_image("grid.png", grid(lines, captions=captions))
         if self.recovered:
             run.save_tensors("recovered.safetensors", {"inputs": torch.cat(self.recovered)})
+
+
+def _caption(row: dict[str, Any]) -> str:
+    """What grid.png writes under a recovered image: its PSNR and SSIM against the truth."""
+    return "failed" if row.get("psnr") is None else f"{row['psnr']:.1f} dB SSIM {row['ssim']:.2f}"
 
 
 class VisionRun:
