@@ -128,6 +128,7 @@ class Recovery:
     distance: relative gradient distance of the returned candidate.
     status: "converged", "stalled", "budget" (ran all steps) or "diverged" per restart; the chosen one here.
     trace: one dict per step of every restart (restart, step, distance, seconds).
+    report: attack-specific facts for the run output (e.g. R-GAP's per-layer determinacy); JSON-ready.
     """
 
     inputs: torch.Tensor
@@ -139,6 +140,7 @@ class Recovery:
     seconds: float
     restart_status: list[str]
     trace: list[dict[str, Any]]
+    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label_ids(self) -> list[int]:
