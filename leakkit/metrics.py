@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -75,6 +77,67 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 
     ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return (max(0.0, float(ci.low)), min(1.0, float(ci.high)))
+
+
+@dataclass(frozen=True)
+class TierThresholds:
+    """Where an image recovery's leakage tiers begin (the recipe's `[metrics]` may override them).
+
+    exact_psnr: PSNR (dB) of an exact recovery; close_psnr: of a close one; recognisable_ssim: SSIM
+    against the truth at which a person recognises the image.
+    """
+
+    exact_psnr: float = 40.0
+    close_psnr: float = 30.0
+    recognisable_ssim: float = 0.5
+
+
+# The one place the default thresholds live.
+DEFAULT_TIERS = TierThresholds()
+# From most to least leakage; each tier includes the ones before it when rates are counted.
+TIERS = ("exact", "close", "recognisable", "none")
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def tier(psnr: float | None, ssim: float | None, thresholds: TierThresholds = DEFAULT_TIERS) -> str:
+    """Leakage tier of one image: "exact", "close", "recognisable" or "none".
+
+    exact: PSNR >= exact_psnr; close: PSNR >= close_psnr; recognisable: SSIM >= recognisable_ssim.
+    A missing (None/NaN) score never meets a threshold.
+    """
+    if _finite(psnr) and psnr >= thresholds.exact_psnr:
+        return "exact"
+    if _finite(psnr) and psnr >= thresholds.close_psnr:
+        return "close"
+    if _finite(ssim) and ssim >= thresholds.recognisable_ssim:
+        return "recognisable"
+    return "none"
+
+
+def tier_rates(rows: Iterable[Mapping[str, Any]], thresholds: TierThresholds = DEFAULT_TIERS) -> dict[str, Any]:
+    """Cumulative tier rates with 95 % Wilson intervals: an exact image is also close and recognisable.
+
+    Args:
+        rows: per-image records with a "tier" key, or with "psnr" and "ssim" to compute it from.
+        thresholds: used only for rows without a "tier".
+    Returns:
+        {"n", "exact_rate", "exact_ci95", "close_rate", "close_ci95", "recognisable_rate",
+        "recognisable_ci95"}; rates are None when there are no rows.
+    """
+    tiers = [r["tier"] if r.get("tier") is not None else tier(r.get("psnr"), r.get("ssim"), thresholds) for r in rows]
+    unknown = set(tiers) - set(TIERS)
+    if unknown:
+        raise ValueError(f"unknown tier(s) {sorted(unknown)}; valid: {', '.join(TIERS)}")
+    n = len(tiers)
+    out: dict[str, Any] = {"n": n}
+    for level, name in enumerate(TIERS[:-1]):
+        hits = sum(1 for t in tiers if TIERS.index(t) <= level)
+        out[f"{name}_rate"] = hits / n if n else None
+        out[f"{name}_ci95"] = list(wilson_interval(hits, n))
+    return out
 
 
 def rouge(reference: str, recovered: str) -> dict[str, float]:

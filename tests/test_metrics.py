@@ -42,3 +42,50 @@ def test_wilson_interval_known_values():
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
     lo, hi = metrics.wilson_interval(50, 50)
     assert hi == pytest.approx(1.0) and lo == pytest.approx(0.9287, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "psnr, ssim, expected",
+    [
+        (45.0, 0.99, "exact"),
+        (40.0, 0.2, "exact"),  # the tier is about PSNR first: 40 dB is exact whatever SSIM says
+        (39.99, 0.9, "close"),
+        (30.0, 0.1, "close"),
+        (29.9, 0.5, "recognisable"),
+        (12.0, 0.51, "recognisable"),
+        (29.9, 0.49, "none"),
+        (None, None, "none"),
+        (float("nan"), 0.7, "recognisable"),
+        (float("nan"), float("nan"), "none"),
+    ],
+)
+def test_tier_from_known_scores(psnr, ssim, expected):
+    assert metrics.tier(psnr, ssim) == expected
+
+
+def test_tier_thresholds_are_passed_in():
+    strict = metrics.TierThresholds(exact_psnr=50, close_psnr=45, recognisable_ssim=0.8)
+    assert metrics.tier(47, 0.9, strict) == "close"
+    assert metrics.tier(47, 0.9) == "exact"
+    assert metrics.tier(20, 0.6, strict) == "none"
+
+
+def test_tiers_of_real_recoveries():
+    im = real_image(32)
+    rng = np.random.default_rng(1)
+    for sigma, expected in ((0.003, "exact"), (0.02, "close")):
+        noisy = np.clip(im + sigma * rng.standard_normal(im.shape), 0, 1)
+        assert metrics.tier(metrics.psnr(im, noisy), metrics.ssim(im, noisy)) == expected
+    flat = np.full_like(im, 0.5)
+    assert metrics.tier(metrics.psnr(im, flat), metrics.ssim(im, flat)) == "none"
+
+
+def test_tier_rates_are_cumulative_with_wilson_intervals():
+    rows = [{"tier": "exact"}, {"tier": "close"}, {"psnr": 20.0, "ssim": 0.6}, {"psnr": 10.0, "ssim": 0.1}]
+    r = metrics.tier_rates(rows)
+    assert r["n"] == 4
+    assert (r["exact_rate"], r["close_rate"], r["recognisable_rate"]) == (0.25, 0.5, 0.75)
+    assert r["close_ci95"] == list(metrics.wilson_interval(2, 4))
+    assert metrics.tier_rates([])["exact_rate"] is None
+    with pytest.raises(ValueError, match="unknown tier"):
+        metrics.tier_rates([{"tier": "perfect"}])

@@ -121,6 +121,7 @@ class Recovery:
     trace: one dict per step of every restart (restart, step, distance, seconds).
     attack: which attack produced it, when a strategy chose among several (`auto`); "" otherwise.
     notes: settings the engine chose from the update itself (e.g. the noise-aware prior).
+    report: attack-specific facts for the run output (e.g. R-GAP's per-layer determinacy); JSON-ready.
     """
 
     inputs: torch.Tensor
@@ -134,6 +135,7 @@ class Recovery:
     trace: list[dict[str, Any]]
     attack: str = ""
     notes: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label_ids(self) -> list[int]:

@@ -1,0 +1,428 @@
+"""R-GAP: closed-form recovery of one input from its gradient, layer by layer, without optimisation.
+
+Zhu & Blaschko, "R-GAP: Recursive Gradient Attack on Privacy", ICLR 2021 (arXiv:2010.07733); the
+ReLU case follows R-CONV (2024): where a ReLU unit is off its forward equation is lost, but the
+weight gradient still constrains the layer's input.
+
+For batch size 1 the output layer's input is exact: h = dW[c] / db[c], and db is the gradient with
+respect to the logits. Walking back, each affine layer (Conv2d or Linear) z = A h + b gives two sets
+of equations that are linear in its input h once z and dL/dz are known:
+
+- the forward equations A h = z - b, with z read off the recovered output by inverting the
+  activation (rows of units whose pre-activation is unknown, e.g. inactive ReLUs, are dropped);
+- the weight-gradient equations dW = G(dL/dz) h, observed in the shared update.
+
+Both are stacked (each block scaled to unit RMS right-hand side, so neither dominates by units) and
+solved by least squares; rank, condition number and equations against unknowns are reported per
+layer, so a caller sees how far the gradient determines the input. dL/dh = A^T dL/dz, times the
+activation's derivative below, gives the next layer's dL/dz.
+
+The model is traced once with forward hooks on a deep copy; the user's model is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from leakkit.client.observation import Observation
+from leakkit.engine import analytic
+from leakkit.engine.matching import AttackConfig, Recovery, StepCallback, StepEvent
+from leakkit.engine.objectives import relative_distance
+from leakkit.errors import ConfigError
+from leakkit.registry import Registry
+from leakkit.tasks.base import Task
+
+# Pre-activations closer than this to a saturated sigmoid/tanh end are clamped before inversion.
+_EPS = 1e-15
+# Above this condition number a layer's input counts as undetermined: float32 gradients carry ~1e-7 relative error.
+ILL_CONDITIONED = 1e6
+# A ReLU unit counts as active when its recovered output exceeds this fraction of the layer's largest output.
+RELU_ACTIVE = 1e-6
+
+
+# inverse(module, h) -> (z, known): the pre-activation, and a mask of the units where it is
+# determined (False where the activation forgot it, as ReLU does for negative inputs).
+Inverse = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+# Keyed by the activation module's class name, so a user's own activation can be registered.
+ACTIVATIONS: Registry[Inverse] = Registry("invertible activation")
+
+
+def _all_known(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return z, torch.ones_like(z, dtype=torch.bool)
+
+
+def _monotone_inverse(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Elementwise inverse of an increasing fn on [lo, hi] by bisection (float64: 80 halvings reach rounding)."""
+    a = torch.full_like(h, lo)
+    b = torch.full_like(h, hi)
+    for _ in range(80):
+        mid = (a + b) / 2
+        below = fn(mid) < h
+        a = torch.where(below, mid, a)
+        b = torch.where(below, b, mid)
+    return (a + b) / 2
+
+
+@ACTIVATIONS.register("Sigmoid", description="logit, exact")
+def _sigmoid_inverse(m: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _all_known(torch.logit(h.clamp(_EPS, 1 - _EPS)))
+
+
+@ACTIVATIONS.register("Tanh", description="atanh, exact")
+def _tanh_inverse(m: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _all_known(torch.atanh(h.clamp(-1 + _EPS, 1 - _EPS)))
+
+
+@ACTIVATIONS.register("ReLU", description="active units exact; inactive units drop their forward equation (R-CONV)")
+def _relu_inverse(m: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    active = h > RELU_ACTIVE * float(h.abs().max().clamp_min(1e-300))
+    # inactive units: the pre-activation is some negative number we cannot know; 0 gives ReLU's zero slope
+    return torch.where(active, h, torch.zeros_like(h)), active
+
+
+@ACTIVATIONS.register("LeakyReLU", description="piecewise linear with a positive slope, exact")
+def _leaky_inverse(m: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    slope = float(m.negative_slope)
+    if slope <= 0:
+        return _relu_inverse(m, h)
+    return _all_known(torch.where(h >= 0, h, h / slope))
+
+
+# GELU's minimum sits at z ~ -0.7518; outputs are inverted on the increasing branch to its right.
+_GELU_ARGMIN = -0.751791524693564
+
+
+@ACTIVATIONS.register("GELU", description="bisection on the increasing branch z > -0.75 (the other branch is ambiguous)")
+def _gelu_inverse(m: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    top = float(h.max().clamp_min(0)) + 10.0
+    return _all_known(_monotone_inverse(m, h, _GELU_ARGMIN, top))
+
+
+@ACTIVATIONS.register("Identity", description="nothing to invert")
+def _identity_inverse(m: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _all_known(h)
+
+
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Dropout)
+
+
+@dataclass
+class LayerReport:
+    """How far the gradient determines one layer's input.
+
+    layer: module name; unknowns: entries of the layer's input; forward_equations: rows of
+    z = A h + b used (units with a known pre-activation); gradient_equations: entries of the weight
+    gradient; rank: numerical rank of the stacked system (None unless computed exactly, a dense SVD);
+    condition: its condition number (exact with the rank, else LSQR's estimate; inf when singular);
+    residual: relative residual of the least-squares solution; iterations: LSQR iterations.
+    """
+
+    layer: str
+    unknowns: int
+    forward_equations: int
+    gradient_equations: int
+    rank: int | None
+    condition: float
+    residual: float
+    iterations: int = 0
+
+    @property
+    def equations(self) -> int:
+        return self.forward_equations + self.gradient_equations
+
+    @property
+    def determined(self) -> bool:
+        """Enough independent equations for every unknown (estimated from the condition without a rank)."""
+        if self.rank is not None:
+            return self.rank >= self.unknowns
+        return self.equations >= self.unknowns and self.condition < ILL_CONDITIONED
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["equations"] = self.equations
+        out["determined"] = self.determined
+        # JSON has no infinity
+        out["condition"] = self.condition if math.isfinite(self.condition) else None
+        return out
+
+
+@dataclass
+class Inversion:
+    """The closed form's result for one example.
+
+    inputs: [1, *input_shape] float64; label: class id read off the output layer;
+    layers: one report per affine layer, output layer first (the walk's order).
+    """
+
+    inputs: torch.Tensor
+    label: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def determined(self) -> bool:
+        return all(layer.determined for layer in self.layers)
+
+
+@dataclass
+class _Step:
+    name: str
+    module: nn.Module
+    role: str  # "affine", "activation" or "reshape"
+    in_shape: tuple[int, ...]
+
+
+def trace_chain(model: nn.Module, input_shape: Sequence[int]) -> list[_Step]:
+    """The model as a chain of affine layers and elementwise activations, input to output.
+
+    Traced with forward hooks on a float64 deep copy. Raises ConfigError naming the first module
+    that is not part of such a chain (normalisation, pooling, a residual connection, a module used
+    twice, or an activation applied as a function).
+    """
+    work = copy.deepcopy(model).to(torch.float64).eval()
+    calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+    handles = []
+    for name, module in work.named_modules():
+        if next(module.children(), None) is None:
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: calls.append((name, m, args[0].detach(), out.detach()))))
+    x = torch.rand((1, *input_shape), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            y = work(x)
+    finally:
+        for h in handles:
+            h.remove()
+    steps: list[_Step] = []
+    previous = x
+    seen: set[str] = set()
+    for name, module, inp, out in calls:
+        kind = type(module).__name__
+        if name in seen:
+            raise ConfigError(f"rgap cannot invert a model that calls module {name!r} twice")
+        seen.add(name)
+        if type(module) in _SYSTEMS:
+            role = "affine"
+            if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
+                raise ConfigError(f"rgap inverts Conv2d layers with groups=1 and zero padding; {name!r} is not one")
+        elif isinstance(module, _RESHAPES):
+            role = "reshape"
+        elif kind in ACTIVATIONS:
+            role = "activation"
+        else:
+            raise ConfigError(
+                f"rgap inverts chains of Conv/Linear layers with elementwise activations "
+                f"({', '.join(ACTIVATIONS.names())}); module {name!r} is a {kind}"
+            )
+        if inp.numel() != previous.numel() or not torch.equal(inp.flatten(), previous.flatten()):
+            raise ConfigError(
+                f"rgap needs a plain chain of layers; the input of module {name!r} is not the previous layer's output "
+                "(a residual connection, pooling or an activation called as a function?)"
+            )
+        steps.append(_Step(name, module, role, tuple(inp.shape[1:])))
+        previous = out
+    if not torch.equal(previous.flatten(), y.flatten()):
+        raise ConfigError("rgap needs a plain chain of layers; the model's output is not its last layer's output")
+    if not steps or steps[-1].role != "affine" or not isinstance(steps[-1].module, nn.Linear):
+        raise ConfigError("rgap needs a model whose last layer is an nn.Linear output layer")
+    return steps
+
+
+def _conv_system(module: nn.Conv2d, shape: tuple[int, ...], dz: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
+    """Sparse matrices of a Conv2d's forward map (A) and of its weight gradient as a map of the input (G).
+
+    Both read the same patches: output unit (o, p) sums W[o, k] * h[U[k, p]], and weight entry (o, k)
+    of the gradient sums dz[o, p] * h[U[k, p]], where U holds the input index under each kernel
+    tap k at each output position p (-1 in the zero padding).
+    """
+    import scipy.sparse as sparse
+
+    n = math.prod(shape)
+    index = (torch.arange(n, dtype=torch.float64) + 1).view(1, *shape)
+    U = torch.nn.functional.unfold(index, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                                   stride=module.stride)[0].round().long() - 1
+    taps, positions = U.shape
+    out_channels = module.out_channels
+    weight = module.weight.detach().double().reshape(out_channels, taps)
+    o, k, p = torch.meshgrid(torch.arange(out_channels), torch.arange(taps), torch.arange(positions), indexing="ij")
+    keep = (U >= 0).expand(out_channels, taps, positions)
+    o, k, p = o[keep], k[keep], p[keep]
+    cols = U[k, p].numpy()
+    A = sparse.csr_matrix((weight[o, k].numpy(), ((o * positions + p).numpy(), cols)), shape=(out_channels * positions, n))
+    G = sparse.csr_matrix((dz.view(out_channels, positions)[o, p].numpy(), ((o * taps + k).numpy(), cols)), shape=(out_channels * taps, n))
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_channels, dtype=torch.float64)
+    return A, G, bias.repeat_interleave(positions)
+
+
+def _linear_system(module: nn.Linear, shape: tuple[int, ...], dz: torch.Tensor) -> tuple[Any, Any, torch.Tensor]:
+    """A = W (dense rows), G: dW[o, i] = dz[o] * h[i]."""
+    import scipy.sparse as sparse
+
+    weight = module.weight.detach().double()
+    out_f, in_f = weight.shape
+    o, i = torch.meshgrid(torch.arange(out_f), torch.arange(in_f), indexing="ij")
+    G = sparse.csr_matrix((dz[o.flatten()].numpy(), ((o * in_f + i).flatten().numpy(), i.flatten().numpy())), shape=(out_f * in_f, in_f))
+    bias = module.bias.detach().double() if module.bias is not None else torch.zeros(out_f, dtype=torch.float64)
+    return sparse.csr_matrix(weight.numpy()), G, bias
+
+
+# Affine layer type -> builder of its (forward matrix, weight-gradient matrix, bias per output unit).
+_SYSTEMS: dict[type[nn.Module], Callable[[Any, tuple[int, ...], torch.Tensor], tuple[Any, Any, torch.Tensor]]] = {
+    nn.Conv2d: _conv_system,
+    nn.Linear: _linear_system,
+}
+
+
+def _solve_layer(
+    step: _Step, z: torch.Tensor, known: torch.Tensor, dz: torch.Tensor, weight_grad: torch.Tensor, *, exact_rank: bool
+) -> tuple[torch.Tensor, Any, LayerReport]:
+    """Input of one affine layer from its output z (rows `known`), dL/dz and the observed dW.
+
+    LSQR on the sparse stacked system, columns scaled to unit norm (a diagonal preconditioner).
+    Returns (h flat, forward matrix A, report).
+    """
+    import numpy as np
+    import scipy.sparse as sparse
+    from scipy.sparse.linalg import lsqr
+
+    shape = step.in_shape
+    n = math.prod(shape)
+    A, G, bias = _SYSTEMS[type(step.module)](step.module, shape, dz)
+    rows = known.numpy()
+    blocks, rhs = [], []
+    for M, r in ((A[rows], (z - bias)[known].numpy()), (G, weight_grad.flatten().double().numpy())):
+        if len(r) == 0:
+            continue
+        # each block scaled to unit RMS right-hand side: forward values and gradients differ by orders of magnitude
+        scale = float(np.sqrt(np.mean(r**2))) or 1.0
+        blocks.append(M / scale)
+        rhs.append(r / scale)
+    M = sparse.vstack(blocks).tocsr()
+    r = np.concatenate(rhs)
+    norms = np.sqrt(np.asarray(M.multiply(M).sum(axis=0))).ravel()
+    norms[norms == 0] = 1.0
+    Ms = M @ sparse.diags(1.0 / norms)
+    out = lsqr(Ms, r, atol=1e-15, btol=1e-15, conlim=1e12, iter_lim=20 * n)
+    h = out[0] / norms
+    residual = float(np.linalg.norm(M @ h - r) / max(np.linalg.norm(r), 1e-300))
+    if exact_rank:
+        s = np.linalg.svd(M.toarray(), compute_uv=False)
+        rank = int((s > s[0] * max(M.shape) * np.finfo(np.float64).eps).sum())
+        condition = float(s[0] / s[-1]) if rank == n else math.inf
+    else:
+        rank, condition = None, float(out[6])
+    report = LayerReport(step.name, n, int(known.sum()), G.shape[0], rank, condition, residual, int(out[2]))
+    return torch.from_numpy(h), A, report
+
+
+
+def invert(
+    model: nn.Module, gradients: dict[str, torch.Tensor], input_shape: Sequence[int], *, exact_rank: bool = False
+) -> Inversion:
+    """Recover one example's input (batch size 1) from its gradient in closed form.
+
+    Args:
+        model: the attacker's copy of the shared model (deep-copied again here, never modified).
+        gradients: parameter name -> observed gradient of the example's cross-entropy loss.
+        input_shape: one example's input shape, e.g. (3, 32, 32).
+        exact_rank: compute each layer's rank and condition number with a dense SVD (seconds per
+            layer at 32 px) instead of LSQR's condition estimate.
+    Returns:
+        The input ([1, *input_shape], float64), the label, and a determinacy report per layer.
+    Raises:
+        ConfigError: the model is not a chain this closed form inverts, or its output layer has no bias.
+    """
+    steps = trace_chain(model, input_shape)
+    top = steps[-1]
+    if top.module.bias is None:
+        raise ConfigError("rgap needs the output layer to have a bias (its gradient gives the logits' gradient)")
+    prefix = f"{top.name}." if top.name else ""
+    missing = [n for n in (f"{prefix}weight", f"{prefix}bias") if n not in gradients]
+    if missing:
+        raise ConfigError(f"rgap needs the gradient of {missing[0]!r}, which the update does not hold")
+    gW = gradients[f"{prefix}weight"].double()
+    gb = gradients[f"{prefix}bias"].double()
+    label = analytic.label_single(gW, gb)
+    h = analytic.linear_layer_input(gW, gb)
+    dz = gb  # batch 1: the bias gradient is the gradient with respect to the logits
+    reports = [LayerReport(top.name, h.numel(), 0, gW.numel(), h.numel(), 1.0,
+                           float((torch.outer(gb, h) - gW).norm() / gW.norm().clamp_min(1e-300)))]
+    # dL/dh of the output layer's input
+    dh = top.module.weight.detach().double().T @ dz
+    known: torch.Tensor | None = None  # units of the current h whose pre-activation is determined
+    for step in reversed(steps[:-1]):
+        if step.role == "reshape":
+            continue
+        if step.role == "activation":
+            z, known = ACTIVATIONS.get(type(step.module).__name__)(step.module, h)
+            zg = z.detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                slope = torch.autograd.grad(step.module(zg).sum(), zg)[0]
+            h, dz = z, dh * slope
+            continue
+        prefix = f"{step.name}." if step.name else ""
+        if f"{prefix}weight" not in gradients:
+            raise ConfigError(f"rgap needs the gradient of {prefix}weight, which the update does not hold")
+        if known is None:  # two affine layers in a row: the output is the pre-activation itself
+            known = torch.ones_like(h, dtype=torch.bool)
+        h, A, report = _solve_layer(step, h, known, dz, gradients[f"{prefix}weight"], exact_rank=exact_rank)
+        reports.append(report)
+        dh = torch.from_numpy(A.T @ dz.numpy())
+        known = None
+    return Inversion(inputs=h.view(1, *input_shape), label=label, layers=reports)
+
+
+def rgap_attack(
+    task: Task,
+    observation: Observation,
+    attack: AttackConfig,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    callbacks: Sequence[StepCallback] = (),
+) -> Recovery:
+    """R-GAP as an attack family: same call and result as `leakkit.engine.reconstruct`.
+
+    Deterministic (no search): `seed` and `attack` are accepted for a uniform call; the solve runs
+    in float64 on the CPU. The per-layer determinacy report is in `Recovery.report["layers"]`.
+
+    Raises:
+        ConfigError: batch size other than 1, a FedAvg update, or a model outside the closed form.
+    """
+    observation.check_against(task.model)
+    if observation.batch_size != 1:
+        raise ConfigError(f"rgap inverts one example's gradient (batch size 1), got batch size {observation.batch_size}")
+    if observation.extra.get("fedavg"):
+        raise ConfigError("rgap needs a single-gradient (FedSGD) update, not a FedAvg weight difference")
+    started = time.perf_counter()
+    work = task.prepare(observation).copy_to(dtype=torch.float64, device="cpu")
+    grads = {n: g.double() for n, g in observation.upcast().gradients.items()}
+    result = invert(work.model, grads, task.input_shape)
+    labels = torch.nn.functional.one_hot(torch.tensor([result.label]), task.num_classes).double()
+    names = [n for n, _ in work.matched_parameters() if n in grads]
+    x = result.inputs.detach()
+    with torch.enable_grad():
+        pred = work.gradients(x, labels, reduction=observation.reduction, matched=True)
+    matched = [n for n, _ in work.matched_parameters()]
+    distance = relative_distance([p for p, n in zip(pred, matched) if n in grads], [grads[n] for n in names])
+    seconds = time.perf_counter() - started
+    for callback in callbacks:
+        callback(StepEvent(0, 1, 0, 0, distance, seconds, x))
+    return Recovery(
+        inputs=x.to("cpu", torch.float32),
+        labels=labels.to(torch.float32),
+        distance=distance,
+        restart=0,
+        status="closed-form",
+        steps=0,
+        seconds=seconds,
+        restart_status=["closed-form"],
+        trace=[{"restart": 0, "step": 0, "distance": distance, "seconds": round(seconds, 4)}],
+        report={"method": "rgap", "determined": result.determined, "layers": [layer.as_dict() for layer in result.layers]},
+    )

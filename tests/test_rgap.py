@@ -1,0 +1,131 @@
+"""R-GAP: closed-form recovery of one image from its gradient, layer by layer."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from leakkit import metrics
+from leakkit.client.victim import observe
+from leakkit.engine.matching import AttackConfig
+from leakkit.errors import ConfigError
+from leakkit.tasks import ImageClassification
+from leakkit.vision import rgap
+from conftest import real_image
+
+
+def _psnr(task, x, rec):
+    return metrics.psnr(x[0].numpy(), task.to_pixels(rec.inputs.double())[0].float().numpy())
+
+
+def _lenet(size=32, classes=100, seed=0):
+    torch.manual_seed(seed)
+    return ImageClassification.from_name("lenet", num_classes=classes, image_size=size)
+
+
+def test_rgap_recovers_a_real_image_exactly_on_lenet_sigmoid():
+    task = _lenet()
+    x = torch.from_numpy(real_image(32, 2))[None]
+    obs = observe(task, x, torch.tensor([17]))
+    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    assert _psnr(task, x, rec) >= 40
+    assert rec.label_ids == [17]
+    assert rec.distance < 1e-6 and rec.status == "closed-form"
+    layers = rec.report["layers"]
+    assert [layer["layer"] for layer in layers] == ["fc", "body.4", "body.2", "body.0"]
+    # conv1 of a 32 px LeNet: 3*32*32 unknowns, 12*16*16 forward equations, 12*3*5*5 gradient equations
+    assert layers[-1]["unknowns"] == 3072 and layers[-1]["forward_equations"] == 3072 and layers[-1]["gradient_equations"] == 900
+    assert all(layer["determined"] for layer in layers) and rec.report["determined"]
+
+
+def test_rgap_exact_rank_and_condition_on_a_small_model():
+    task = _lenet(size=16, classes=10)
+    x = torch.from_numpy(real_image(16, 0))[None]
+    obs = observe(task, x, torch.tensor([3]))
+    result = rgap.invert(task.model, {k: v.double() for k, v in obs.gradients.items()}, task.input_shape, exact_rank=True)
+    for layer in result.layers[1:]:
+        assert layer.rank == layer.unknowns and 1 <= layer.condition < 1e6
+    assert torch.allclose(result.inputs.float(), x, atol=1e-3)
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.GELU, lambda: nn.LeakyReLU(0.2)])
+def test_other_invertible_activations(activation):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, stride=2), activation(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    task = ImageClassification(net, num_classes=10, image_size=16)
+    x = torch.from_numpy(real_image(16, 1))[None]
+    obs = observe(task, x, torch.tensor([4]))
+    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    assert _psnr(task, x, rec) >= 40 and rec.label_ids == [4]
+
+
+def test_an_underdetermined_layer_is_reported_as_such():
+    torch.manual_seed(1)
+    # 8 channels: 8*8*8 forward + 8*3*3*3 gradient equations = 728 < 3*16*16 = 768 unknowns
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.Sigmoid(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    task = ImageClassification(net, num_classes=10, image_size=16)
+    obs = observe(task, torch.from_numpy(real_image(16, 1))[None], torch.tensor([4]))
+    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    conv = rec.report["layers"][-1]
+    assert (conv["equations"], conv["unknowns"]) == (728, 768)
+    assert not conv["determined"] and not rec.report["determined"]
+
+
+def test_relu_drops_inactive_forward_equations_and_says_so():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    with pytest.warns(UserWarning):
+        task = ImageClassification(net, num_classes=10, image_size=16)
+    x = torch.from_numpy(real_image(16, 4))[None]
+    obs = observe(task, x, torch.tensor([2]))
+    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    conv = rec.report["layers"][-1]
+    active = int((net[0](x) > 0).sum())
+    assert conv["forward_equations"] == active < 16 * 8 * 8
+    # the weight gradient (16*3*9 equations) still pins the input down together with the active units
+    assert _psnr(task, x, rec) >= 40
+
+
+def test_users_model_untouched_and_no_hooks_left():
+    task = _lenet(size=16, classes=10)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    obs = observe(task, torch.from_numpy(real_image(16, 0))[None], torch.tensor([1]))
+    rgap.rgap_attack(task, obs, AttackConfig())
+    for k, v in task.model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == torch.float32
+    assert all(not m._forward_hooks for m in task.model.modules())
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.Sigmoid()
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc((self.act(self.conv(x)) + x).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "net, needle",
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 64, 10)), "GroupNorm"),
+        (_Residual(), "not the previous layer's output"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 64, 10, bias=False)), "bias"),
+    ],
+)
+def test_models_outside_the_closed_form_get_one_clear_error(net, needle):
+    task = ImageClassification(net, num_classes=10, image_size=8)
+    obs = observe(task, torch.rand(1, 3, 8, 8), torch.tensor([1]))
+    with pytest.raises(ConfigError, match=needle):
+        rgap.rgap_attack(task, obs, AttackConfig())
+
+
+def test_batches_are_refused():
+    task = _lenet(size=16, classes=10)
+    x = torch.stack([torch.from_numpy(real_image(16, i)) for i in range(2)])
+    obs = observe(task, x, torch.tensor([1, 2]))
+    with pytest.raises(ConfigError, match="batch size 1"):
+        rgap.rgap_attack(task, obs, AttackConfig())
