@@ -399,24 +399,36 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
     spec = ".3f" if score == "ROUGE-1" else ".1f"
     done, total = sum(r["batches_done"] for r in rows), sum(r["batches"] for r in rows)
     partial = "" if done == total else f" · INCOMPLETE: {done} of {total} cells"
-    table = Table(title=f"{summary['recipe']}: success = {score} ≥ {fmt(first.get('success_threshold'), 'g')}{partial}", title_justify="left")
+    table = Table(title=f"{summary['recipe']}: success = {_success_words(first)}{partial}", title_justify="left")
     grid = any(r["grid"] for r in rows)
     utility = any(r["utility_accuracy"] is not None for r in rows)
     names = ([("setting", lambda r: " ".join(r["grid"]))] if grid else []) + [("defense", lambda r: r["defense"])]
     for name, get in names:  # full names, never cut: the numbers get the room that is left
         table.add_column(name, justify="left", no_wrap=True, min_width=max(len(name), *(len(get(r)) for r in rows)) if rows else None)
-    for col in ("n", "success [95 % CI]", f"{score} median [IQR]", "labels", "s/batch") + (("utility",) if utility else ()):
+    tiers = "exact_rate" in first and first.get("success_tier") is not None
+    for col in ("n", "success [95 % CI]") + (("% exact/close/recog.",) if tiers else ()) + (f"{score} median [IQR]", "labels", "s/batch") + (("utility",) if utility else ()):
         table.add_column(col, justify="right")
     for r in rows:
         lo, hi = r["success_ci95"]
         table.add_row(
             *[get(r) for _, get in names], str(r["n"]), f"{fmt(r['success_rate'], '.0%')} [{lo:.0%}–{hi:.0%}]",
+            *(("/".join(fmt(None if r[k] is None else 100 * r[k], ".0f") for k in ("exact_rate", "close_rate", "recognisable_rate")),) if tiers else ()),
             f"{fmt(r['score_median'], spec)} [{fmt(r['score_q25'], spec)}–{fmt(r['score_q75'], spec)}]",
             fmt(r["label_accuracy"], ".0%"), fmt(r["attacker_seconds_median"], ".1f"),
             *((fmt(r["utility_accuracy"], ".1%"),) if utility else ()),
         )
     console.print(table)
     console.print(f"tables: {out}/summary.csv, {out}/samples.csv · report: {out}/report.html")
+
+
+def _success_words(row: dict[str, Any]) -> str:
+    """What counts as a successful attack in an audit row, with its thresholds."""
+    if row.get("success_tier"):
+        th = row["tier_thresholds"]
+        return (f"{row['success_tier']} or better (exact: PSNR ≥ {th['exact_psnr']:g} dB, close: ≥ {th['close_psnr']:g} dB, "
+                f"recognisable: SSIM ≥ {th['recognisable_ssim']:g})")
+    score = "ROUGE-1" if row.get("score") == "rouge1" else "PSNR"
+    return f"{score} ≥ {row.get('success_threshold', 0):g}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ Layout of an audit directory:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -437,9 +438,19 @@ def summarize_setting(rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, A
     modality = modality_of(recipe.task.name)
     score, threshold = modality.score, recipe.metrics.threshold(modality.score)
     text = modality.name == "text"
+    tiers: dict[str, Any] = {}
+    if not text:  # images: success is a leakage tier (recognisable by default), every tier reported
+        tiers = metrics.tier_rates([{**r, "tier": r.get("tier") or "none"} for r in rows])
+        tiers.pop("n")
+        tiers["success_tier"] = recipe.metrics.success_tier
+        tiers["tier_thresholds"] = dataclasses.asdict(recipe.metrics.tiers())
     n = len(rows)
     values = [float(r[score]) for r in rows if r.get(score) is not None]
-    ok = sum(1 for r in rows if r.get(score) is not None and r[score] >= threshold)
+    if text:
+        ok = sum(1 for r in rows if r.get(score) is not None and r[score] >= threshold)
+    else:
+        reached = metrics.TIERS[: metrics.TIERS.index(recipe.metrics.success_tier) + 1]
+        ok = sum(1 for r in rows if (r.get("tier") or "none") in reached)
     lo, hi = metrics.wilson_interval(ok, n)
 
     def q(p: float) -> float | None:
@@ -460,6 +471,7 @@ def summarize_setting(rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, A
         "label_accuracy": (sum(1 for r in rows if r.get("label_correct")) / n) if n else None,
         "attacker_seconds_median": float(statistics.median(list(per_batch.values()))) if secs else None,
         "exact_rate": (sum(1 for r in rows if r.get("exact")) / n) if (text and n) else None,
+        **tiers,
     }
 
 

@@ -42,7 +42,8 @@ def plot_success(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_xlim(0, 1.05)
     ax.set_xlabel("attack success rate")
     thr = rows[0]["success_threshold"] if rows else None
-    ax.set_title(f"success = {_score_name(rows).split()[0]} ≥ {thr:g} · bars: 95 % Wilson CI", fontsize=9)
+    what = f"{rows[0]['success_tier']} tier" if rows and rows[0].get("success_tier") else f"{_score_name(rows).split()[0]} ≥ {thr:g}"
+    ax.set_title(f"success = {what} · bars: 95 % Wilson CI", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -141,6 +142,14 @@ def write_report(audit_dir: str | Path) -> Path:
     return out
 
 
+def _success_words(row: dict[str, Any]) -> str:
+    if row.get("success_tier"):
+        th = row["tier_thresholds"]
+        return (f"the {row['success_tier']} tier or better (exact: PSNR ≥ {th['exact_psnr']:g} dB; close: PSNR ≥ "
+                f"{th['close_psnr']:g} dB; recognisable: SSIM ≥ {th['recognisable_ssim']:g})")
+    return f"{_score_name([row]).split()[0]} ≥ {row['success_threshold']:g}"
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
@@ -171,8 +180,7 @@ def _html(summary: dict[str, Any], figures: list[tuple[str, Path]], adir: AuditD
         recoveries.append({"label": r["label"] or "none", "cells": cells, "total": r["batches"]})
     env = Environment(loader=PackageLoader("leakkit.audit", "."), autoescape=select_autoescape(["html", "j2"]))
     return env.get_template("report.html.j2").render(
-        recipe=summary["recipe"], spec=summary["spec"], score_short=score.split()[0],
-        threshold=_fmt(rows[0]["success_threshold"] if rows else None, "g"),
+        recipe=summary["recipe"], spec=summary["spec"], success_words=_success_words(rows[0]) if rows else "-",
         head=["setting", "defense", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "attacker s/batch", "utility acc."],
         table=table, figures=[(title, _data_uri(path)) for title, path in figures], recoveries=recoveries,
         cells_done=sum(r["batches_done"] for r in rows), cells_total=sum(r["batches"] for r in rows),

@@ -105,6 +105,14 @@ def _exact_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any
     return exact(task, observation, recipe.attack, recipe.text, **options)
 
 
+@register_attack("rgap", modality="image", paper="Zhu, Blaschko, R-GAP, ICLR 2021; R-CONV, 2024", iterative=False,
+                 description="closed-form recovery of one image, layer by layer from the output back (no optimisation)")
+def _rgap_images(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
+    from leakkit.vision.rgap import rgap_attack
+
+    return rgap_attack(task, observation, recipe.attack, **options)
+
+
 @register_attack("auto", modality="image", paper="the strategy of Croce & Hein, AutoAttack, ICML 2020",
                  description="the strongest of several attacks per batch: runs each candidate recipe's attack "
                              "and keeps the recovery with the lowest gradient distance (never the truth)")
@@ -130,7 +138,7 @@ def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (
         tried.append(f"{name}: {recovery.distance:.2e}")
         if best is None or recovery.distance < best.distance:
             best = dataclasses.replace(recovery, attack=name)
-        if recovery.status == "converged":
+        if recovery.status == "converged" or recovery.distance <= recipe.attack.stop_distance:
             break  # the gradient is matched to the stop distance: the rest cannot do better by much
     if best is None:
         raise AttackDiverged("no candidate attack applied or converged: " + "; ".join(tried))

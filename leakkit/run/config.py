@@ -63,15 +63,26 @@ class ClientSpec:
 
 @dataclass
 class MetricsSpec:
-    """`[metrics]`: success_psnr is the PSNR (dB) at which an image counts as recovered;
-    success_rouge1 the ROUGE-1 at which a sentence does (defaults: the tasks' modalities)."""
+    """`[metrics]`: success_psnr is the PSNR (dB) at which an image counts as recovered (the `exact`
+    tier); success_rouge1 the ROUGE-1 at which a sentence does (defaults: the tasks' modalities).
+    close_psnr and recognisable_ssim start the `close` and `recognisable` image tiers; success_tier
+    is the tier an audit counts as a successful attack (a privacy verdict is about recognition)."""
 
     success_psnr: float = MODALITIES["image"].threshold
     success_rouge1: float = MODALITIES["text"].threshold
+    close_psnr: float = 30.0
+    recognisable_ssim: float = 0.5
+    success_tier: str = "recognisable"
 
     def threshold(self, score: str) -> float:
         """The success threshold of a modality's score ("psnr", "rouge1")."""
         return float(getattr(self, f"success_{score}"))
+
+    def tiers(self) -> Any:
+        """Image leakage tiers: exact from success_psnr, close from close_psnr, recognisable from recognisable_ssim."""
+        from leakkit.metrics import TierThresholds
+
+        return TierThresholds(exact_psnr=self.success_psnr, close_psnr=self.close_psnr, recognisable_ssim=self.recognisable_ssim)
 
 
 @dataclass
@@ -133,6 +144,8 @@ class Recipe:
             raise ConfigError("data.samples must be at least 1")
         if self.data.reduction not in ("mean", "sum"):
             raise ConfigError("data.reduction must be 'mean' or 'sum'")
+        if self.metrics.success_tier not in ("exact", "close", "recognisable"):
+            raise ConfigError(f"metrics.success_tier must be exact, close or recognisable, got {self.metrics.success_tier!r}")
         if not 0 < self.task.mask_probability <= 1:
             raise ConfigError("task.mask_probability must be in (0, 1]")
         if self.task.max_length < 0:

@@ -6,6 +6,7 @@ The truth (pixels, labels) meets a recovery only in `score`, through `leakkit.me
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass
@@ -138,6 +139,7 @@ def score_images(task: Task, batch: Batch, recovery: Recovery, recipe: Recipe) -
                 "matched_slot": j,
             }
         )
+        rows[-1]["tier"] = metrics.tier(rows[-1]["psnr"], rows[-1]["ssim"], recipe.metrics.tiers())
     return rows
 
 
@@ -165,6 +167,8 @@ def summarize(rows: list[dict[str, Any]], recipe: Recipe, *, interrupted: bool =
         "seconds_median": med("seconds"),
         "diverged": sum(1 for r in rows if r["status"] == "diverged"),
         "interrupted": interrupted,
+        "tier_thresholds": dataclasses.asdict(recipe.metrics.tiers()),
+        **{k: v for k, v in metrics.tier_rates([{**r, "tier": r.get("tier") or "none"} for r in rows]).items() if k != "n"},
     }
 
 
@@ -217,7 +221,7 @@ class _Pictures:
 
 def _caption(row: dict[str, Any]) -> str:
     """What grid.png writes under a recovered image: its PSNR and SSIM against the truth."""
-    return "failed" if row.get("psnr") is None else f"{row['psnr']:.1f} dB SSIM {row['ssim']:.2f}"
+    return "failed" if row.get("psnr") is None else f"{row['psnr']:.1f} dB {row.get('tier', '')}"
 
 
 class VisionRun:
@@ -250,7 +254,7 @@ class VisionRun:
     def failed(self, task: Task, batch: Batch) -> list[dict[str, Any]]:
         return [
             {"name": s.name, "label": int(y), "recovered_label": None, "label_correct": False,
-             "psnr": None, "ssim": None, "mse": None, "matched_slot": None}
+             "psnr": None, "ssim": None, "mse": None, "matched_slot": None, "tier": "none"}
             for s, y in zip(batch.samples, batch.labels)
         ]
 
