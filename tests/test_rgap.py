@@ -8,7 +8,6 @@ from torch import nn
 
 from leakkit import metrics
 from leakkit.client.victim import observe
-from leakkit.engine.matching import AttackConfig
 from leakkit.errors import ConfigError
 from leakkit.tasks import ImageClassification
 from leakkit.vision import rgap
@@ -28,7 +27,7 @@ def test_rgap_recovers_a_real_image_exactly_on_lenet_sigmoid():
     task = _lenet()
     x = torch.from_numpy(real_image(32, 2))[None]
     obs = observe(task, x, torch.tensor([17]))
-    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    rec = rgap.rgap_attack(task, obs)
     assert _psnr(task, x, rec) >= 40
     assert rec.label_ids == [17]
     assert rec.distance < 1e-6 and rec.status == "closed-form"
@@ -56,7 +55,7 @@ def test_other_invertible_activations(activation):
     task = ImageClassification(net, num_classes=10, image_size=16)
     x = torch.from_numpy(real_image(16, 1))[None]
     obs = observe(task, x, torch.tensor([4]))
-    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    rec = rgap.rgap_attack(task, obs)
     assert _psnr(task, x, rec) >= 40 and rec.label_ids == [4]
 
 
@@ -66,7 +65,7 @@ def test_an_underdetermined_layer_is_reported_as_such():
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.Sigmoid(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
     task = ImageClassification(net, num_classes=10, image_size=16)
     obs = observe(task, torch.from_numpy(real_image(16, 1))[None], torch.tensor([4]))
-    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    rec = rgap.rgap_attack(task, obs)
     conv = rec.report["layers"][-1]
     assert (conv["equations"], conv["unknowns"]) == (728, 768)
     assert not conv["determined"] and not rec.report["determined"]
@@ -79,7 +78,7 @@ def test_relu_drops_inactive_forward_equations_and_says_so():
         task = ImageClassification(net, num_classes=10, image_size=16)
     x = torch.from_numpy(real_image(16, 4))[None]
     obs = observe(task, x, torch.tensor([2]))
-    rec = rgap.rgap_attack(task, obs, AttackConfig())
+    rec = rgap.rgap_attack(task, obs)
     conv = rec.report["layers"][-1]
     active = int((net[0](x) > 0).sum())
     assert conv["forward_equations"] == active < 16 * 8 * 8
@@ -91,7 +90,7 @@ def test_users_model_untouched_and_no_hooks_left():
     task = _lenet(size=16, classes=10)
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     obs = observe(task, torch.from_numpy(real_image(16, 0))[None], torch.tensor([1]))
-    rgap.rgap_attack(task, obs, AttackConfig())
+    rgap.rgap_attack(task, obs)
     for k, v in task.model.state_dict().items():
         assert torch.equal(v, before[k]) and v.dtype == torch.float32
     assert all(not m._forward_hooks for m in task.model.modules())
@@ -120,7 +119,7 @@ def test_models_outside_the_closed_form_get_one_clear_error(net, needle):
     task = ImageClassification(net, num_classes=10, image_size=8)
     obs = observe(task, torch.rand(1, 3, 8, 8), torch.tensor([1]))
     with pytest.raises(ConfigError, match=needle):
-        rgap.rgap_attack(task, obs, AttackConfig())
+        rgap.rgap_attack(task, obs)
 
 
 def test_batches_are_refused():
@@ -128,4 +127,4 @@ def test_batches_are_refused():
     x = torch.stack([torch.from_numpy(real_image(16, i)) for i in range(2)])
     obs = observe(task, x, torch.tensor([1, 2]))
     with pytest.raises(ConfigError, match="batch size 1"):
-        rgap.rgap_attack(task, obs, AttackConfig())
+        rgap.rgap_attack(task, obs)

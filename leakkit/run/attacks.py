@@ -110,7 +110,7 @@ def _exact_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any
 def _rgap_images(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
     from leakkit.vision.rgap import rgap_attack
 
-    return rgap_attack(task, observation, recipe.attack, **options)
+    return rgap_attack(task, observation, callbacks=options.get("callbacks", ()))
 
 
 @register_attack("auto", modality="image", paper="the strategy of Croce & Hein, AutoAttack, ICML 2020",

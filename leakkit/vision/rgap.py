@@ -33,7 +33,7 @@ from torch import nn
 
 from leakkit.client.observation import Observation
 from leakkit.engine import analytic
-from leakkit.engine.matching import AttackConfig, Recovery, StepCallback, StepEvent
+from leakkit.engine.matching import Recovery, StepCallback, StepEvent
 from leakkit.engine.objectives import relative_distance
 from leakkit.errors import ConfigError
 from leakkit.registry import Registry
@@ -378,19 +378,11 @@ def invert(
     return Inversion(inputs=h.view(1, *input_shape), label=label, layers=reports)
 
 
-def rgap_attack(
-    task: Task,
-    observation: Observation,
-    attack: AttackConfig,
-    *,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    callbacks: Sequence[StepCallback] = (),
-) -> Recovery:
-    """R-GAP as an attack family: same call and result as `leakkit.engine.reconstruct`.
+def rgap_attack(task: Task, observation: Observation, *, callbacks: Sequence[StepCallback] = ()) -> Recovery:
+    """R-GAP as an attack family: the result type of `leakkit.engine.reconstruct`, no settings.
 
-    Deterministic (no search): `seed` and `attack` are accepted for a uniform call; the solve runs
-    in float64 on the CPU. The per-layer determinacy report is in `Recovery.report["layers"]`.
+    Deterministic (no search, so no seed or attack settings); the solve runs in float64 on the CPU.
+    The callbacks see one step, the solution. The per-layer determinacy report is in `Recovery.report["layers"]`.
 
     Raises:
         ConfigError: batch size other than 1, a FedAvg update, or a model outside the closed form.
