@@ -158,19 +158,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defense_parameters(name: str) -> dict[str, Any]:
+    from leakkit.client.defenses import DEFENSES
+
+    d = DEFENSES.get(name)
+    return {k: {"default": p.default, "low": p.low, "high": p.high, "low_open": p.low_open, "integer": p.integer, "swept": k == d.strength}
+            for k, p in d.params.items()}
+
+
+def _recipe_parameters(name: str) -> dict[str, Any]:
+    from leakkit.run.config import load_recipe
+
+    return load_recipe(name).to_dict()
+
+
+# what `list --json` tells a script about an entry beyond its description, per catalogue
+_PARAMETERS: dict[str, Callable[[str], dict[str, Any]]] = {"defenses": _defense_parameters, "recipes": _recipe_parameters}
+
+
 def _parameters(catalogue: str, name: str) -> dict[str, Any]:
-    """What `list --json` tells a script about one entry beyond its description."""
-    if catalogue == "defenses":
-        from leakkit.client.defenses import DEFENSES
-
-        d = DEFENSES.get(name)
-        return {k: {"default": p.default, "low": p.low, "high": p.high, "low_open": p.low_open, "integer": p.integer, "swept": k == d.strength}
-                for k, p in d.params.items()}
-    if catalogue == "recipes":
-        from leakkit.run.config import load_recipe
-
-        return load_recipe(name).to_dict()
-    return {}
+    return _PARAMETERS[catalogue](name) if catalogue in _PARAMETERS else {}
 
 
 def _progress(args: argparse.Namespace, console: Any) -> Any:
@@ -399,7 +406,9 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
     spec = ".3f" if score == "ROUGE-1" else ".1f"
     done, total = sum(r["batches_done"] for r in rows), sum(r["batches"] for r in rows)
     partial = "" if done == total else f" · INCOMPLETE: {done} of {total} cells"
-    table = Table(title=f"{summary['recipe']}: success = {_success_words(first)}{partial}", title_justify="left")
+    from leakkit.audit.report import success_words
+
+    table = Table(title=f"{summary['recipe']}: success = {success_words(first) if rows else '-'}{partial}", title_justify="left")
     grid = any(r["grid"] for r in rows)
     utility = any(r["utility_accuracy"] is not None for r in rows)
     names = ([("setting", lambda r: " ".join(r["grid"]))] if grid else []) + [("defense", lambda r: r["defense"])]
@@ -419,16 +428,6 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
         )
     console.print(table)
     console.print(f"tables: {out}/summary.csv, {out}/samples.csv · report: {out}/report.html")
-
-
-def _success_words(row: dict[str, Any]) -> str:
-    """What counts as a successful attack in an audit row, with its thresholds."""
-    if row.get("success_tier"):
-        th = row["tier_thresholds"]
-        return (f"{row['success_tier']} or better (exact: PSNR ≥ {th['exact_psnr']:g} dB, close: ≥ {th['close_psnr']:g} dB, "
-                f"recognisable: SSIM ≥ {th['recognisable_ssim']:g})")
-    score = "ROUGE-1" if row.get("score") == "rouge1" else "PSNR"
-    return f"{score} ≥ {row.get('success_threshold', 0):g}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

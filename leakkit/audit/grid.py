@@ -440,7 +440,7 @@ def summarize_setting(rows: list[dict[str, Any]], recipe: Recipe) -> dict[str, A
     text = modality.name == "text"
     tiers: dict[str, Any] = {}
     if not text:  # images: success is a leakage tier (recognisable by default), every tier reported
-        tiers = metrics.tier_rates([{**r, "tier": r.get("tier") or "none"} for r in rows])
+        tiers = metrics.tier_rates(rows, recipe.metrics.tiers())
         tiers.pop("n")
         tiers["success_tier"] = recipe.metrics.success_tier
         tiers["tier_thresholds"] = dataclasses.asdict(recipe.metrics.tiers())

@@ -142,7 +142,8 @@ def write_report(audit_dir: str | Path) -> Path:
     return out
 
 
-def _success_words(row: dict[str, Any]) -> str:
+def success_words(row: dict[str, Any]) -> str:
+    """What counts as a successful attack in an audit row, with its thresholds (table titles, report)."""
     if row.get("success_tier"):
         th = row["tier_thresholds"]
         return (f"the {row['success_tier']} tier or better (exact: PSNR ≥ {th['exact_psnr']:g} dB; close: PSNR ≥ "
@@ -180,7 +181,7 @@ def _html(summary: dict[str, Any], figures: list[tuple[str, Path]], adir: AuditD
         recoveries.append({"label": r["label"] or "none", "cells": cells, "total": r["batches"]})
     env = Environment(loader=PackageLoader("leakkit.audit", "."), autoescape=select_autoescape(["html", "j2"]))
     return env.get_template("report.html.j2").render(
-        recipe=summary["recipe"], spec=summary["spec"], success_words=_success_words(rows[0]) if rows else "-",
+        recipe=summary["recipe"], spec=summary["spec"], success_words=success_words(rows[0]) if rows else "-",
         head=["setting", "defense", "n", "success", "95 % CI", f"{score} median", "q25–q75", "label acc.", "attacker s/batch", "utility acc."],
         table=table, figures=[(title, _data_uri(path)) for title, path in figures], recoveries=recoveries,
         cells_done=sum(r["batches_done"] for r in rows), cells_total=sum(r["batches"] for r in rows),

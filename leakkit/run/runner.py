@@ -222,6 +222,7 @@ def run_recipe(
                         "restart": getattr(recovery, "restart", None),
                         "method": recipe.method,
                         "attack": getattr(recovery, "attack", "") or recipe.method,
+                        "attack_report": getattr(recovery, "report", None) or None,
                         "seconds_to_success": _seconds_to_success(r, k, first_success, recovery, hooks.modality.score, recipe),
                     }
                 )

@@ -168,7 +168,7 @@ def summarize(rows: list[dict[str, Any]], recipe: Recipe, *, interrupted: bool =
         "diverged": sum(1 for r in rows if r["status"] == "diverged"),
         "interrupted": interrupted,
         "tier_thresholds": dataclasses.asdict(recipe.metrics.tiers()),
-        **{k: v for k, v in metrics.tier_rates([{**r, "tier": r.get("tier") or "none"} for r in rows]).items() if k != "n"},
+        **{k: v for k, v in metrics.tier_rates(rows, recipe.metrics.tiers()).items() if k != "n"},
     }
 
 
