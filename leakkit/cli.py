@@ -52,7 +52,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     common(att, optional_recipe=True)
     att.add_argument("--task", help="attack a captured update of this text task (see `leakkit list tasks`) with the bert-exact recipe")
     att.add_argument("--model", help="the model the update came from (directory, cached hub id, or minilm); same as model=...")
-    att.add_argument("--gradients", required=True, help="a .safetensors file written by `leakkit observe`")
+    source = att.add_mutually_exclusive_group(required=True)
+    source.add_argument("--gradients", help="a .safetensors update: written by `leakkit observe`, or captured from Flower")
+    source.add_argument("--checkpoints", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="two safetensors state_dicts around one client round; the protocol comes from client.local_lr, "
+                             "client.local_steps, data.batch_size (overrides)")
     att.add_argument("--out", help="run directory (default runs/RECIPE-attack-TIMESTAMP)")
     att.add_argument("--overwrite", action="store_true", help="replace the run in --out if it holds one")
 
@@ -61,6 +65,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     defense_option(aud)
     aud.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="sweep a recipe field, e.g. data.batch_size=1,2,4 (repeat for a product)")
     aud.add_argument("--input", help="as for `leakkit run`")
+    aud.add_argument("--from", dest="source", metavar="CAPTURE", help="score every update of a `leakkit flower simulate` capture instead of simulating clients")
     aud.add_argument("--samples", type=int, help="examples attacked per setting (default: the recipe's data.samples)")
     aud.add_argument("--out", help="audit directory (default audits/RECIPE-TIMESTAMP)")
     out_policy(aud, "audit")
@@ -71,6 +76,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     aud.add_argument("--no-baseline", action="store_true", help="do not add the undefended setting as the reference row")
     aud.add_argument("--no-report", action="store_true", help="do not write plots and report.html at the end")
 
+    fl = sub.add_parser("flower", help="a Flower simulation whose server captures every client's update (needs the flower extra)")
+    fl.add_argument("action", choices=["simulate"], help="simulate: run a Flower simulation with Flower's simulation engine")
+    common(fl)
+    defense_option(fl)
+    fl.add_argument("--clients", type=int, default=2, help="number of Flower clients (supernodes), each training every round (default 2)")
+    fl.add_argument("--rounds", type=int, default=1, help="FedAvg rounds (default 1)")
+    fl.add_argument("--input", help="images or sentences for the clients (default: the recipe's data)")
+    fl.add_argument("--out", required=True, help="capture directory: round-R/client-K.safetensors, round-R/global.safetensors, truth/")
+    fl.add_argument("--workers", type=int, help="CPUs the simulation may use (default: all)")
+
     rep = sub.add_parser("report", help="plots and an offline HTML report of an audit directory")
     rep.add_argument("audit_dir", help="a directory written by `leakkit audit`")
     rep.add_argument("--quiet", action="store_true")
@@ -78,7 +93,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     lst = sub.add_parser("list", help="recipes, tasks, models, objectives, label strategies, ...")
     lst.add_argument("what", nargs="?", default="all", help="one of: all, " + ", ".join(_CATALOGUES))
     lst.add_argument("--json", action="store_true", help="machine-readable: every entry with its description and parameters")
-    return p, {"run": run, "observe": obs, "attack": att, "audit": aud, "report": rep, "list": lst}
+    return p, {"run": run, "observe": obs, "attack": att, "audit": aud, "report": rep, "list": lst, "flower": fl}
 
 
 def _catalogue_recipes() -> list[tuple[str, str]]:
@@ -311,7 +326,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from leakkit.client.observation import Observation
     from leakkit.errors import ConfigError
     from leakkit.run.config import load_recipe
-    from leakkit.run.runner import attack_only
+    from leakkit.run.runner import attack_only, captured_weights, observation_from_checkpoints
     from leakkit.tasks import tasks_of
 
     overrides = list(args.overrides)
@@ -324,8 +339,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.task and args.task not in tasks_of("text"):
         raise ConfigError(f"--task must be one of {', '.join(tasks_of('text'))}, got {args.task!r}")
     name = args.recipe or "bert-exact"
-    recipe = load_recipe(name, overrides)
-    observation = Observation.load(args.gradients)
+    if args.checkpoints:
+        weights = next((o.split("=", 1)[1] for o in overrides if o.startswith("task.weights=")), None)
+        if weights not in (None, args.checkpoints[0]):
+            raise ConfigError("with --checkpoints the model's weights are BEFORE; drop task.weights")
+        recipe = load_recipe(name, overrides + [f"task.weights={args.checkpoints[0]}"])
+        observation = observation_from_checkpoints(recipe, *args.checkpoints, seed=args.seed)
+    else:
+        observation = Observation.load(args.gradients)
+        recipe = load_recipe(name, overrides + captured_weights(observation, args.gradients, overrides))
     out = str(_claim(args, _default_out(name, "-attack"), "run"))
     console = _console()
     progress = _progress(args, console)
@@ -354,6 +376,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         samples=args.samples, input=args.input, seed=args.seed, device=args.device, utility=not args.no_utility,
         baseline=not args.no_baseline,
     )
+    if args.source:
+        if args.grid or args.defense or args.input or args.samples is not None:
+            raise ConfigError("--from scores a capture as it was made: drop --grid, --defense, --input and --samples")
+        spec = AuditSpec.from_capture(spec, args.source)
     out = str(_claim(args, _default_out(args.recipe).replace("runs/", "audits/", 1), "audit"))
     console = _console()
     progress = None if args.quiet else _audit_progress(console)
@@ -411,11 +437,12 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
     table = Table(title=f"{summary['recipe']}: success = {success_words(first) if rows else '-'}{partial}", title_justify="left")
     grid = any(r["grid"] for r in rows)
     utility = any(r["utility_accuracy"] is not None for r in rows)
+    private = any(r.get("epsilon") is not None for r in rows)
     names = ([("setting", lambda r: " ".join(r["grid"]))] if grid else []) + [("defense", lambda r: r["defense"])]
     for name, get in names:  # full names, never cut: the numbers get the room that is left
         table.add_column(name, justify="left", no_wrap=True, min_width=max(len(name), *(len(get(r)) for r in rows)) if rows else None)
     tiers = "exact_rate" in first and first.get("success_tier") is not None
-    for col in ("n", "success [95 % CI]") + (("% exact/close/recog.",) if tiers else ()) + (f"{score} median [IQR]", "labels", "s/batch") + (("utility",) if utility else ()):
+    for col in ("n", "success [95 % CI]") + (("% exact/close/recog.",) if tiers else ()) + (f"{score} median [IQR]", "labels", "s/batch") + (("ε",) if private else ()) + (("utility",) if utility else ()):
         table.add_column(col, justify="right")
     for r in rows:
         lo, hi = r["success_ci95"]
@@ -424,10 +451,27 @@ def _print_audit(console: Any, summary: dict[str, Any], out: str) -> None:
             *(("/".join(fmt(None if r[k] is None else 100 * r[k], ".0f") for k in ("exact_rate", "close_rate", "recognisable_rate")),) if tiers else ()),
             f"{fmt(r['score_median'], spec)} [{fmt(r['score_q25'], spec)}–{fmt(r['score_q75'], spec)}]",
             fmt(r["label_accuracy"], ".0%"), fmt(r["attacker_seconds_median"], ".1f"),
+            *((fmt(r.get("epsilon"), ".3g"),) if private else ()),
             *((fmt(r["utility_accuracy"], ".1%"),) if utility else ()),
         )
     console.print(table)
     console.print(f"tables: {out}/summary.csv, {out}/samples.csv · report: {out}/report.html")
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from leakkit.integrations.flower_simulation import simulate
+
+    index = simulate(
+        args.recipe, _with_defenses(args.overrides, args.defense), clients=args.clients, rounds=args.rounds,
+        out=args.out, input_path=args.input, seed=args.seed, workers=args.workers,
+    )
+    if not args.quiet:
+        sim = index["simulation"]
+        _console().print(
+            f"Flower {index['flwr']}: {sim['clients']} client(s) x {sim['rounds']} round(s), {len(index['updates'])} update(s) captured "
+            f"-> {args.out} (score them: leakkit audit {args.recipe} --from {args.out})"
+        )
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -445,6 +489,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "observe": cmd_observe,
     "attack": cmd_attack,
+    "flower": cmd_flower,
     "list": cmd_list,
 }
 

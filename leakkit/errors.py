@@ -29,3 +29,8 @@ class Interrupted(LeakkitError):
     """The user stopped a run or an audit; what was finished has been saved."""
 
     exit_code = 130
+
+
+def few(items: list[str], n: int = 3) -> str:
+    """The first `n` items of a list for a one-line message, with how many more there are."""
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")

@@ -127,8 +127,60 @@ def torchvision_available() -> bool:
     return True
 
 
+def user_model(spec: str, **options: int) -> nn.Module:
+    """Instantiate `FILE.py:Class`, a model class from a Python file the user names.
+
+    The file is imported, so its top-level code runs: it is code the user chose to run. The class is
+    called with whichever of num_classes / channels / image_size its constructor accepts.
+
+    Raises:
+        ConfigError: no such file or class, an import error in the file, or a class that is not an nn.Module.
+    """
+    import importlib.util
+    import inspect
+    import sys
+    from pathlib import Path
+
+    from leakkit.errors import ConfigError
+
+    file, _, cls_name = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"task.model={spec}: no such file {file}")
+    module_name = f"leakkit_user_model_{abs(hash(str(path.resolve())))}"
+    loader = importlib.util.spec_from_file_location(module_name, path)
+    if loader is None or loader.loader is None:
+        raise ConfigError(f"task.model={spec}: {file} cannot be imported as Python")
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[module_name] = module  # so dataclasses and pickling inside the file find it
+    try:
+        loader.loader.exec_module(module)
+    except Exception as e:  # the user's file: report its error in one line, whatever it is
+        sys.modules.pop(module_name, None)
+        raise ConfigError(f"task.model={spec}: importing {file} failed: {type(e).__name__}: {e}") from None
+    cls = getattr(module, cls_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        found = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == module_name)
+        raise ConfigError(f"task.model={spec}: {file} has no nn.Module class {cls_name!r}; it defines: {', '.join(found) or 'none'}")
+    accepted = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    kwargs = {k: v for k, v in options.items() if takes_any or k in accepted}
+    try:
+        return cls(**kwargs)
+    except Exception as e:
+        raise ConfigError(f"task.model={spec}: {cls_name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: {type(e).__name__}: {e}") from None
+
+
+def is_user_model(name: str) -> bool:
+    """True for `FILE.py:Class` model names."""
+    return ".py:" in name
+
+
 def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
-    """Build a built-in model by name, or a torchvision model (`torchvision:resnet18`) when available."""
+    """Build a built-in model by name, a torchvision model (`torchvision:resnet18`) when available,
+    or a user's class (`my_models.py:Net`, see `user_model`)."""
+    if is_user_model(name):
+        return user_model(name, num_classes=num_classes, channels=channels, image_size=image_size)
     if name.startswith("torchvision:"):
         from leakkit.errors import ConfigError
 

@@ -36,8 +36,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from leakkit import metrics
+from leakkit.run.capture import Capture
 from leakkit.run.config import Recipe, load_recipe
-from leakkit.client.defenses import strength, sweep
+from leakkit.client.defenses import epsilon_of, strength, sweep
 from leakkit.errors import ConfigError, InputError, Interrupted, LeakkitError
 from leakkit.files import apply_mode
 from leakkit.registry import Registry
@@ -78,9 +79,19 @@ class AuditSpec:
     device: str = "cpu"
     utility: bool = True
     baseline: bool = True
+    source: str | None = None
 
     def resolve(self, name: str, overrides: Iterable[str] = ()) -> Recipe:
-        return load_recipe(name, [*self.overrides, *overrides])
+        # a capture's clients trained in its own setting: the attack recipe takes it over, then the user's overrides
+        captured = Capture.read(self.source).simulation["setting_overrides"] if self.source else []
+        return load_recipe(name, [*captured, *self.overrides, *overrides])
+
+    @classmethod
+    def from_capture(cls, spec: "AuditSpec", source: str) -> "AuditSpec":
+        """The audit of a `leakkit flower simulate` capture: its data, seed and sample count, no utility runs."""
+        sim = Capture.read(source).simulation
+        return dataclasses.replace(spec, source=str(Path(source).resolve()), input=sim["input"], samples=int(sim["samples"]),
+                                   seed=int(sim["seed"]), utility=False, baseline=False)
 
 
 @dataclass
@@ -113,6 +124,11 @@ def plan(spec: AuditSpec) -> tuple[Recipe, list[Setting]]:
         ConfigError: unknown recipe, key, defense or parameter; out-of-range value; empty grid.
     """
     base = spec.resolve(spec.recipe)
+    if spec.source:
+        capture = Capture.read(spec.source)
+        rounds = capture.simulation["rounds"]
+        label = f"flower capture ({capture.simulation['clients']} clients x {rounds} rounds)"
+        return base, [Setting(_slug(f"capture {spec.source}"), [], base.defense, label, None, capture.batches())]
     chains: list[str] = []
     for d in spec.defenses or [base.defense]:
         for chain in sweep(d):
@@ -193,7 +209,8 @@ def run_job(spec: dict[str, Any], setting: dict[str, Any], job: dict[str, Any]) 
     from leakkit.run.runner import run_recipe
 
     with tempfile.TemporaryDirectory(prefix="leakkit-cell-") as tmp:
-        run_recipe(recipe, out=tmp, input_path=a.input, samples=a.samples, seed=a.seed, device=a.device, only_batches=[job["batch"]])
+        capture = Capture.read(a.source) if a.source else None
+        run_recipe(recipe, out=tmp, input_path=a.input, samples=a.samples, seed=a.seed, device=a.device, only_batches=[job["batch"]], capture=capture)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file() and p.name != "trace.jsonl"}
 
 
@@ -421,7 +438,7 @@ def collect(path: str | Path) -> dict[str, Any]:
         summary = summarize_setting(rows, recipe)
         summary.update({"setting": s.id, "label": s.label, "series": s.series, "strength": s.strength, "defense": s.defense,
                         "grid": s.grid, "batches_done": len({r["batch"] for r in rows}), "batches": s.batches,
-                        "utility_accuracy": util["accuracy"] if util else None, "utility": util})
+                        "epsilon": epsilon_of(s.defense), "utility_accuracy": util["accuracy"] if util else None, "utility": util})
         out.append(summary)
         for r in rows:
             rows_all.append({"setting": s.id, "label": s.label, **{k: v for k, v in r.items() if not isinstance(v, (list, dict))}})

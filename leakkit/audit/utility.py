@@ -14,6 +14,7 @@ import torch
 
 from leakkit.run.config import Recipe
 from leakkit.registry import Registry
+from leakkit.client.dpsgd import PrivateBatch
 from leakkit.client.victim import defend, observe, per_example_gradients
 
 UtilityFn = Callable[[Recipe, int], dict[str, Any]]
@@ -61,6 +62,7 @@ def digits_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
             observe(task, x, yb, reduction=recipe.data.reduction), recipe.defense, seed=seed * 1_000_003 + step,
             per_example=lambda x=x, yb=yb: per_example_gradients(task, x, yb),
             other_clients=lambda k: [observe(task, *batch(), reduction=recipe.data.reduction) for _ in range(k)],
+            batch=PrivateBatch(task, x, yb, recipe.data.reduction),
         )
         with torch.no_grad():
             for n, p in params.items():

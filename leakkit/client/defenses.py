@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from leakkit.errors import ConfigError
+from leakkit.client.dpsgd import PrivateBatch, opacus_gradients
 from leakkit.client.observation import Observation
 from leakkit.registry import Registry
 
@@ -29,11 +30,13 @@ class ClientContext:
     generator: the client's randomness (noise, random masks), seeded by the simulation.
     per_example: returns one gradient dict per example of the batch (summed loss, unreduced).
     other_clients: returns the updates of `n` other clients of the same round.
+    batch: the client's model and batch, for defenses that recompute the update (`opacus`).
     """
 
     generator: torch.Generator
     per_example: Callable[[], list[Gradients]] | None = None
     other_clients: Callable[[int], list[Observation]] | None = None
+    batch: PrivateBatch | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,38 @@ def _clip_noise(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Ob
     return _replace(obs, out, note)
 
 
+@defense(
+    "opacus",
+    "DP-SGD step computed by Opacus (GradSampleModule + DPOptimizer): per-sample clipping to max_grad_norm, "
+    "Gaussian noise noise_multiplier*max_grad_norm; ε from Opacus' RDP accountant",
+    "noise_multiplier",
+    noise_multiplier=Param(1.0),
+    max_grad_norm=Param(1.0, low_open=True),
+    delta=Param(1e-5, 0.0, 1.0, low_open=True),
+    sample_rate=Param(0.01, 0.0, 1.0, low_open=True),
+    steps=Param(1, 1, math.inf, integer=True),
+)
+def _opacus(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observation:
+    if ctx.batch is None:
+        raise ConfigError("the opacus defense needs the client's image batch: apply it on the victim side (run, observe, audit) "
+                          "of an image task; for text tasks use clip-noise")
+    if obs.extra.get("fedavg"):
+        raise ConfigError("the opacus defense is a single-step (FedSGD) defense; use client.local_steps=1")
+    mult, clip = p["noise_multiplier"], p["max_grad_norm"]
+    grads = opacus_gradients(ctx.batch, noise_multiplier=mult, max_grad_norm=clip, generator=ctx.generator)
+    out = {n: grads[n].to(g.dtype) for n, g in obs.gradients.items()}
+    epsilon = dp_epsilon(mult, sample_rate=p["sample_rate"], steps=int(p["steps"]), delta=p["delta"])
+    note = {"name": "opacus", "noise_multiplier": mult, "max_grad_norm": clip, "delta": p["delta"], "epsilon": epsilon,
+            "accountant": "opacus-rdp", "sample_rate": p["sample_rate"], "steps": int(p["steps"]), "opacus": _opacus_version()}
+    return _replace(obs, out, note)
+
+
+def _opacus_version() -> str:
+    from importlib.metadata import version
+
+    return version("opacus")
+
+
 def dp_epsilon(multiplier: float, *, sample_rate: float, steps: int, delta: float) -> float | None:
     """The ε of `steps` subsampled Gaussian steps at (multiplier, sample_rate), from Opacus' RDP accountant.
 
@@ -166,6 +201,29 @@ def dp_epsilon(multiplier: float, *, sample_rate: float, steps: int, delta: floa
     accountant = RDPAccountant()
     accountant.history = [(multiplier, sample_rate, steps)]
     return float(accountant.get_epsilon(delta=delta))
+
+
+# The DP defenses: their parameter names for (noise multiplier, sample rate, steps, delta).
+DP_PARAMETERS = {"clip-noise": ("multiplier", "sample_rate", "steps", "delta"), "opacus": ("noise_multiplier", "sample_rate", "steps", "delta")}
+
+
+def epsilon_of(spec: str) -> float | None:
+    """The ε a defense chain guarantees (its DP steps' ε added up, basic composition), None without a DP step.
+
+    Args:
+        spec: a chain such as "opacus:noise_multiplier=0.5".
+    Returns:
+        ε (inf where the noise is 0), or None when no step is a DP mechanism or Opacus is missing.
+    """
+    total: float | None = None
+    for name, params in parse_chain(spec):
+        if name in DP_PARAMETERS:
+            mult, rate, steps, delta = (params[k] for k in DP_PARAMETERS[name])
+            eps = dp_epsilon(mult, sample_rate=rate, steps=int(steps), delta=delta)
+            if eps is None:
+                return None
+            total = eps + (total or 0.0)
+    return total
 
 
 def _cast(dtype: torch.dtype, name: str) -> Transform:
@@ -287,6 +345,9 @@ NOISE_RULES.register("noise")(lambda v, rec, b, red: v + float(rec["std"]) ** 2)
 NOISE_RULES.register("laplace")(lambda v, rec, b, red: v + 2 * float(rec["scale"]) ** 2)
 NOISE_RULES.register("clip-noise")(
     lambda v, rec, b, red: v + (float(rec["multiplier"]) * float(rec["clip"]) / (b if red == "mean" else 1)) ** 2
+)
+NOISE_RULES.register("opacus")(
+    lambda v, rec, b, red: v + (float(rec["noise_multiplier"]) * float(rec["max_grad_norm"]) / (b if red == "mean" else 1)) ** 2
 )
 NOISE_RULES.register("clients")(lambda v, rec, b, red: v / float(rec["n"]) ** 2)  # only this client's noise so far is averaged down
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leakkit.errors import InputError, ObservationMismatch
+from leakkit.errors import InputError, ObservationMismatch, few
 from leakkit.files import apply_mode
 
 FORMAT_VERSION = 1
@@ -128,19 +128,25 @@ class Observation:
         if missing or unexpected:
             parts = []
             if missing:
-                parts.append(f"missing {_few(missing)}")
+                parts.append(f"missing {few(missing)}")
             if unexpected:
-                parts.append(f"unexpected {_few(unexpected)}")
+                parts.append(f"unexpected {few(unexpected)}")
             raise ObservationMismatch(
                 f"gradient names do not match the model: {'; '.join(parts)}"
             )
         wrong = [f"{n} {got[n]} != {s}" for n, s in expected.items() if n in got and got[n] != s]
         if wrong:
-            raise ObservationMismatch(f"gradient shapes do not match the model: {_few(wrong)}")
+            raise ObservationMismatch(f"gradient shapes do not match the model: {few(wrong)}")
         if self.batch_size < 1:
             raise ObservationMismatch(f"batch size must be positive, got {self.batch_size}")
         if self.reduction not in ("mean", "sum"):
             raise ObservationMismatch(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
+        fedavg = self.extra.get("fedavg")
+        if fedavg and not (isinstance(fedavg.get("local_lr"), (int, float)) and fedavg["local_lr"] > 0):
+            raise ObservationMismatch(
+                "the update does not record the client's learning rate, so its weight difference cannot be simulated; "
+                "capture it with the clients' lr (CaptureStrategy(local_lr=...)) or write it into the file's metadata"
+            )
 
 
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], listed: list[str]) -> None:
@@ -151,19 +157,15 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], listed: list[st
         missing = [n for n in listed if n not in tensors]
         extra = [n for n in tensors if n not in set(listed)]
         if missing:
-            problems.append(f"missing {_few(missing)} (listed in its metadata)")
+            problems.append(f"missing {few(missing)} (listed in its metadata)")
         if extra:
-            problems.append(f"extra {_few(extra)} (not in its metadata)")
+            problems.append(f"extra {few(extra)} (not in its metadata)")
     not_float = [f"{n} ({str(t.dtype).replace('torch.', '')})" for n, t in tensors.items() if not t.is_floating_point()]
     if not_float:
-        problems.append(f"not floating point: {_few(not_float)}")
+        problems.append(f"not floating point: {few(not_float)}")
     non_finite = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if non_finite:
-        problems.append(f"NaN or inf in {_few(non_finite)}")
+        problems.append(f"NaN or inf in {few(non_finite)}")
     if problems:
         raise InputError(f"{path}: {'; '.join(problems)}")
 
-
-def _few(items: list[str], n: int = 3) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more

@@ -8,6 +8,7 @@ import torch
 
 from leakkit.client import defenses
 from leakkit.client.defenses import ClientContext, Gradients
+from leakkit.client.dpsgd import PrivateBatch
 from leakkit.client.observation import Observation, fingerprint
 from leakkit.tasks.base import Task
 
@@ -80,6 +81,7 @@ def defend(
     seed: int,
     per_example: Callable[[], list[Gradients]] | None = None,
     other_clients: Callable[[int], list[Observation]] | None = None,
+    batch: PrivateBatch | None = None,
 ) -> Observation:
     """Apply the client's defense chain to its update (see `leakkit.client.defenses`).
 
@@ -89,8 +91,9 @@ def defend(
         seed: the client's randomness for noise and masks.
         per_example: the batch's per-example gradients (e.g. `per_example_gradients`), for clipping.
         other_clients: updates of other clients of the round, for `clients:n`.
+        batch: the client's model and batch, for defenses that recompute the update (`opacus`).
     """
     if spec == "none":
         return observation
-    context = ClientContext(generator=torch.Generator().manual_seed(seed), per_example=per_example, other_clients=other_clients)
+    context = ClientContext(generator=torch.Generator().manual_seed(seed), per_example=per_example, other_clients=other_clients, batch=batch)
     return defenses.apply(observation, spec, context)

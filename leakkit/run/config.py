@@ -24,11 +24,14 @@ class TaskSpec:
     Image tasks use num_classes, image_size, channels, mean, std. Text tasks use model (a directory,
     a cached hub id or "minilm"), num_classes (classification), max_length (0 = the model's limit),
     mask_probability (masked LM) and frozen: parameter-name fragments whose gradients the client
-    does not share (e.g. "word_embeddings").
+    does not share (e.g. "word_embeddings"). Image tasks also take a user's class as
+    model="FILE.py:Class". weights="FILE.safetensors" (a state_dict of the model) replaces the seeded or
+    pretrained weights, for either modality.
     """
 
     name: str = "image-classification"
     model: str = "lenet"
+    weights: str = ""
     num_classes: int = 100
     image_size: int = 32
     channels: int = 3
@@ -125,6 +128,16 @@ class Recipe:
         out = dataclasses.asdict(self)
         attack = {**out.pop("attack"), **out.pop("choice"), **out.pop("text")}
         return {**out, "attack": attack}
+
+    def setting_overrides(self) -> list[str]:
+        """The client's setting (`[task]`, `[data]`, `[client]`, defense) as `key=value` overrides: applied to
+        another recipe, that recipe attacks the same clients the same way they trained."""
+        out = []
+        for section in ("task", "data", "client"):
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+                out.append(f"{section}.{key}={text}")
+        return out + [f"defense={self.defense}"]
 
     def validate(self) -> None:
         """Raise ConfigError for values no run could use."""

@@ -10,6 +10,7 @@ but the hooks' scoring, which uses `leakkit.metrics`.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 import warnings
@@ -20,9 +21,10 @@ import torch
 
 from leakkit.client.observation import Observation
 from leakkit.engine.matching import StepCallback
-from leakkit.errors import AttackDiverged, InputError, Interrupted
+from leakkit.errors import AttackDiverged, ConfigError, InputError, Interrupted
 from leakkit.registry import Registry
 from leakkit.run.attacks import ATTACKS, attack_for
+from leakkit.run.capture import Capture
 from leakkit.run.config import Recipe
 from leakkit.run.rundir import RunDir, provenance
 from leakkit.tasks import Modality, Task, modality_of
@@ -68,6 +70,11 @@ class ModalityRun(Protocol):
     def notes(self, task: Task) -> dict[str, Any]: ...
 
     def save_recovery(self, task: Task, recovery: Any, run: RunDir) -> dict[str, Any]: ...
+
+    def truth(self, batch: Any) -> dict[str, bytes]:
+        """A client batch's private data as files (suffix -> bytes), to keep beside a capture; its digest
+        ties a capture's update to the data the audit scores it against."""
+        ...
 
     def success_probe(self, task: Task, batch: Any, recipe: Recipe) -> Callable[[torch.Tensor], list[bool]] | None:
         """Per example (in batch order), whether a candidate already meets the success threshold; None if the
@@ -132,6 +139,7 @@ def run_recipe(
     on_batch: Callable[[int, list[dict[str, Any]]], None] | None = None,
     only_batches: Sequence[int] | None = None,
     resume: bool = False,
+    capture: Capture | None = None,
 ) -> dict[str, Any]:
     """Simulate, attack and score; write the run directory; return the metrics dict.
 
@@ -147,6 +155,8 @@ def run_recipe(
         on_batch: called with (batch index, scored rows) after each batch.
         only_batches: attack only these client batches of the drawn data (an audit's cells).
         resume: continue the run in `out` (same recipe, input, samples and seed), skipping its finished batches.
+        capture: attack the updates a server captured (`leakkit flower simulate`) instead of simulating the
+            clients; each at the global weights of its round. The batches are rebuilt only to score.
     Returns:
         {"recipe", "summary", "samples" (one row per example), "provenance"} (+ the modality's notes).
     Raises:
@@ -175,6 +185,7 @@ def run_recipe(
     step_callbacks = list(callbacks) + ([progress] if progress is not None else [])
     interrupted = False
     started = time.perf_counter()
+    round_tasks: dict[Path, Task] = {}
 
     def save() -> dict[str, Any]:
         prov["wall_seconds"] = round(time.perf_counter() - started, 3)
@@ -191,12 +202,18 @@ def run_recipe(
                 continue
             if progress is not None:
                 progress.start(f"batch {b + 1}/{len(batches)}", _progress_total(recipe))
-            observation = hooks.client_update(task, recipe, batches, b, seed=seed)
+            attacker = task
+            if capture is None:
+                observation = hooks.client_update(task, recipe, batches, b, seed=seed)
+            else:
+                capture.check_truth(b, hooks.truth(batch))
+                observation, weights = capture.update(b)
+                attacker = _task_at(hooks, recipe, weights, seed=seed, device=device, cache=round_tasks)
             first_success: dict[int, float] = {}
             probe = hooks.success_probe(task, batch, recipe)
             watch = [_success_watch(probe, first_success)] if probe is not None else []
             try:
-                recovery = attack(task, observation, recipe, seed=seed + b, device=device, callbacks=step_callbacks + watch)
+                recovery = attack(attacker, observation, recipe, seed=seed + b, device=device, callbacks=step_callbacks + watch)
             except (AttackDiverged, InputError) as e:
                 # a defended update can defeat the analytic steps (e.g. noise hides the order): a failed recovery
                 warnings.warn(f"batch {b + 1}: attack failed: {e}", stacklevel=2)
@@ -236,6 +253,15 @@ def run_recipe(
         unit = hooks.modality.unit
         raise Interrupted(f"interrupted after {len(rows)} of {len(pool)} {unit}s; results saved in {run.path}") from None
     return save()
+
+
+def _task_at(hooks: ModalityRun, recipe: Recipe, weights: Path, *, seed: int, device: str, cache: dict[Path, Task]) -> Task:
+    """The recipe's task with the weights a captured update was computed on (built once per round)."""
+    if weights not in cache:
+        at = copy.deepcopy(recipe)
+        at.task.weights = str(weights)
+        cache[weights] = hooks.build_task(at, seed=seed, device=device)
+    return cache[weights]
 
 
 def _resumable_rows(run: RunDir, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -281,6 +307,42 @@ def observe_recipe(recipe: Recipe, *, input_path: str | None = None, seed: int =
     observation = hooks.observe(task, recipe, input_path=input_path, seed=seed)
     observation.extra.update({"recipe": recipe.name, "model_seed": seed, "defense": recipe.defense})
     return observation
+
+
+def captured_weights(observation: Observation, path: str | Path, overrides: Sequence[str]) -> list[str]:
+    """Overrides that point the attacker's model at the weights an update was computed on, when its
+    file names them (a Flower capture saves each round's global model beside the clients' updates)
+    and the user did not choose weights (or recorded task settings) themselves.
+
+    Returns:
+        `key=value` overrides (empty for an update that names no weights).
+    """
+    given = {o.split("=", 1)[0] for o in overrides}
+    out = [f"task.{k}={v}" for k, v in observation.extra.get("task_options", {}).items() if f"task.{k}" not in given]
+    weights = observation.extra.get("global_weights")
+    if weights and "task.weights" not in given:
+        file = Path(path).parent / str(weights)
+        if not file.is_file():
+            raise InputError(f"{path} was computed on the weights in {file}, which is missing; give task.weights=FILE")
+        out.append(f"task.weights={file}")
+    return out
+
+
+def observation_from_checkpoints(recipe: Recipe, before: str | Path, after: str | Path, *, seed: int = 0) -> Observation:
+    """The update a pair of checkpoints implies, under the recipe's client protocol (`[client]`, `data.batch_size`,
+    `data.reduction`). The recipe's task must load `before` as its weights (the attack runs at those weights).
+    """
+    from leakkit.client.checkpoints import update_from_checkpoints
+
+    recipe.validate()
+    if modality_of(recipe.task.name).name != "image":
+        raise ConfigError("--checkpoints works for image tasks; a text update is attacked from a gradient file (--gradients)")
+    task = hooks_for(recipe).build_task(recipe, seed=seed)
+    c = recipe.client
+    return update_from_checkpoints(
+        before, after, task, local_lr=c.local_lr, local_steps=c.local_steps, local_batch=c.local_batch,
+        batch_size=recipe.data.batch_size, reduction=recipe.data.reduction, model_name=recipe.task.model,
+    )
 
 
 def attack_only(

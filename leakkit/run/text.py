@@ -8,6 +8,7 @@ The runner (`leakkit.run.runner`) owns the loop; this module supplies what is pa
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from leakkit.errors import InputError
 from leakkit.run.config import Recipe
 from leakkit.run.rundir import RunDir
 from leakkit.tasks import MODALITIES, check_labels
+from leakkit.tasks.weights import load_weights
 from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
 from leakkit.text.attack import TextRecovery
 from leakkit.text.data import TextSample, draw_text, read_input
@@ -33,11 +35,15 @@ OBSERVE_POOL_BATCHES = 64
 
 
 def build_text(recipe: Recipe, *, seed: int) -> TextTask:
-    """The shared model; a newly initialised head gets its weights from the seed."""
+    """The shared model; a newly initialised head gets its weights from the seed, and `task.weights` (a
+    state_dict of this model, e.g. a Flower round's global model) replaces them all."""
     spec = recipe.task
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_text_task(spec.name, model=spec.model, num_classes=spec.num_classes, max_length=spec.max_length, mask_probability=spec.mask_probability)
+        task = build_text_task(spec.name, model=spec.model, num_classes=spec.num_classes, max_length=spec.max_length, mask_probability=spec.mask_probability)
+    if spec.weights:
+        load_weights(task.model, spec.weights)
+    return task
 
 
 def load_text_samples(recipe: Recipe, *, input_path: str | None, samples: int | None) -> list[TextSample]:
@@ -275,6 +281,10 @@ class TextRun:
 
     def success_probe(self, task: TextTask, batch: ClientSentences, recipe: Recipe) -> None:
         return None  # candidates are embeddings: scoring them needs a decode per step; the closed-form time is used
+
+    def truth(self, batch: ClientSentences) -> dict[str, bytes]:
+        rows = [{"name": t.name, "text": t.text, "label": t.label} for t in batch.samples]
+        return {"json": json.dumps({"sentences": rows, "input_ids": batch.tokens.input_ids.tolist()}, indent=1).encode()}
 
     def save_recovery(self, task: TextTask, recovery: TextRecovery, run: RunDir) -> dict[str, Any]:
         sentences = [task.decode(r) for r in recovery.token_ids]

@@ -7,6 +7,7 @@ The truth (pixels, labels) meets a recovery only in `score`, through `leakkit.me
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -17,12 +18,14 @@ import torch
 
 from leakkit import metrics
 from leakkit.client.observation import Observation
+from leakkit.client.dpsgd import PrivateBatch
 from leakkit.client.victim import defend, observe, per_example_gradients
 from leakkit.engine.matching import Recovery
 from leakkit.errors import InputError
 from leakkit.run.config import Recipe
 from leakkit.run.rundir import RunDir
 from leakkit.tasks import MODALITIES, TASKS, Task, check_labels
+from leakkit.tasks.weights import load_weights
 from leakkit.vision.data import SOURCES, Sample, draw, resize
 from leakkit.vision.pictures import grid, to_uint8_images
 
@@ -39,7 +42,8 @@ class Batch:
 
 
 def build_task(recipe: Recipe, *, seed: int, device: str = "cpu") -> Task:
-    """The shared model the client trains, with weights fixed by the seed (the engine moves its own copy to `device`)."""
+    """The shared model the client trains: weights from `task.weights` when given, else fixed by the seed
+    (the engine moves its own copy to `device`)."""
     spec = recipe.task
     options = {
         "model": spec.model,
@@ -51,7 +55,10 @@ def build_task(recipe: Recipe, *, seed: int, device: str = "cpu") -> Task:
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return TASKS.get(spec.name)(**options)
+        task = TASKS.get(spec.name)(**options)
+    if spec.weights:  # trained weights replace the seeded ones
+        load_weights(task.model, spec.weights)
+    return task
 
 
 def load_samples(recipe: Recipe, *, input_path: str | None, samples: int | None, seed: int) -> list[Sample]:
@@ -115,6 +122,7 @@ def client_update(task: Task, recipe: Recipe, batch: Batch, *, seed: int, batch_
     return defend(
         update(inputs, batch.labels), recipe.defense, seed=seed * 7919 + batch_index,
         per_example=lambda: per_example_gradients(task, inputs, batch.labels), other_clients=other_clients,
+        batch=PrivateBatch(task, inputs, batch.labels, recipe.data.reduction),
     )
 
 
@@ -178,11 +186,13 @@ class _Pictures:
     def __init__(self) -> None:
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.recovered: list[torch.Tensor] = []
+        self.pixels: list[torch.Tensor] = []
         self.captions: list[str] = []
 
     def add(self, task: Task, batch: Batch, recovery: Recovery, scored: list[dict[str, Any]]) -> None:
         recovered_pixels = task.to_pixels(recovery.inputs.double()).float()
         self.recovered.append(recovery.inputs)
+        self.pixels.append(recovered_pixels)
         truth, rec = to_uint8_images(batch.pixels), to_uint8_images(recovered_pixels)
         self.pairs += [(truth[i], rec[r["matched_slot"]]) for i, r in enumerate(scored)]
         self.captions += [_caption(r) for r in scored]
@@ -202,7 +212,8 @@ class _Pictures:
             chunk = inputs[start : start + n]
             start += n
             self.recovered.append(chunk)
-            truth, rec = to_uint8_images(batches[b].pixels), to_uint8_images(task.to_pixels(chunk.double()).float())
+            self.pixels.append(task.to_pixels(chunk.double()).float())
+            truth, rec = to_uint8_images(batches[b].pixels), to_uint8_images(self.pixels[-1])
             self.pairs += [(truth[i], rec[r["matched_slot"]]) for i, r in enumerate(scored)]
             self.captions += [_caption(r) for r in scored]
 
@@ -216,7 +227,8 @@ class _Pictures:
                 captions += [["truth"] * len(chunk), self.captions[k : k + GRID_COLUMNS]]
             run.save_image("grid.png", grid(lines, captions=captions))
         if self.recovered:
-            run.save_tensors("recovered.safetensors", {"inputs": torch.cat(self.recovered)})
+            # pixels beside the model inputs: a user scores them against their own data without our normalisation
+            run.save_tensors("recovered.safetensors", {"inputs": torch.cat(self.recovered), "pixels": torch.cat(self.pixels)})
 
 
 def _caption(row: dict[str, Any]) -> str:
@@ -277,10 +289,16 @@ class VisionRun:
 
         return probe
 
+    def truth(self, batch: Batch) -> dict[str, bytes]:
+        from safetensors.torch import save
+
+        names = json.dumps([s.name for s in batch.samples])
+        return {"safetensors": save({"pixels": batch.pixels.contiguous(), "labels": batch.labels.contiguous()}, metadata={"names": names})}
+
     def save_recovery(self, task: Task, recovery: Recovery, run: RunDir) -> dict[str, Any]:
         pixels = task.to_pixels(recovery.inputs.double()).float()
         run.save_image("grid.png", grid([to_uint8_images(pixels)]))
-        run.save_tensors("recovered.safetensors", {"inputs": recovery.inputs, "labels": recovery.labels})
+        run.save_tensors("recovered.safetensors", {"inputs": recovery.inputs, "pixels": pixels, "labels": recovery.labels})
         return {
             "labels": recovery.label_ids,
             "gradient_distance": recovery.distance,
