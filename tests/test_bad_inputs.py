@@ -74,6 +74,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with open(root / "evil.safetensors", "wb") as f:
         pickle.dump(_Evil(root / "PWNED"), f)
     torch.save(tensors, root / "model.pt")
+    # a user's model files and checkpoints
+    (root / "net.py").write_text("from torch import nn\n\nclass Net(nn.Linear):\n    def __init__(self, num_classes=10):\n        super().__init__(4, num_classes)\n")
+    (root / "broken.py").write_text("raise RuntimeError('this file is broken')\n")
+    from leakkit.tasks import ImageClassification
+
+    lenet = ImageClassification.from_name("lenet", num_classes=10, image_size=16).model
+    save_file(lenet.state_dict(), str(root / "lenet16.safetensors"))
+    save_file({"fc.weight": torch.zeros(3, 3)}, str(root / "other.safetensors"))
     # a finished run and an audit to point --out at
     assert main(["run", "idlg", *FAST, "--out", str(root / "a-run"), "--quiet"]) == 0
     assert main(["audit", "idlg", *FAST, "--defense", "none", "--out", str(root / "an-audit"), "--no-utility", "--no-report", "--quiet"]) == 0
@@ -138,7 +146,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("gradients of another model", ["attack", "idlg", "task.image_size=16", "--gradients", "{w}/good.safetensors"], "do not match the model"),
     ("attack without recipe", ["attack", "--gradients", "{w}/good.safetensors"], "name a recipe"),
     ("attack unknown task", ["attack", "--task", "captioning", "--gradients", "{w}/good.safetensors"], "--task must be one of"),
+    # a user's model, weights and checkpoints
+    ("user model file missing", ["run", "idlg", *FAST, "task.model={w}/nothing.py:Net"], "no such file"),
+    ("user model class missing", ["run", "idlg", *FAST, "task.model={w}/net.py:Nope"], "has no nn.Module class 'Nope'"),
+    ("user model file broken", ["run", "idlg", *FAST, "task.model={w}/broken.py:Net"], "this file is broken"),
+    ("weights are a pickle", ["run", "idlg", *FAST, "task.weights={w}/model.pt"], "never loaded"),
+    ("weights missing", ["run", "idlg", *FAST, "task.weights={w}/none.safetensors"], "weights file not found"),
+    ("weights of another model", ["run", "idlg", *FAST, "task.weights={w}/other.safetensors"], "does not fit the model"),
+    ("checkpoints identical", ["attack", "idlg", *FAST, "--checkpoints", "{w}/lenet16.safetensors", "{w}/lenet16.safetensors"], "same weights"),
+    ("checkpoints of another model", ["attack", "idlg", *FAST, "--checkpoints", "{w}/lenet16.safetensors", "{w}/other.safetensors"], "does not fit"),
+    ("checkpoints for text", ["attack", "bert-exact", *TEXT, "--checkpoints", "{w}/lenet16.safetensors", "{w}/other.safetensors"], "image tasks"),
+    ("opacus on text", ["run", "bert-exact", *TEXT, "--defense", "opacus"], "use clip-noise"),
     # audit
+    ("audit from a non-capture", ["audit", "idlg", "--from", "{w}/empty"], "not a capture directory"),
+    ("audit from with a grid", ["audit", "idlg", "--from", "{w}/empty", "--grid", "data.batch_size=1,2"], "drop --grid"),
+    ("flower without clients", ["flower", "simulate", "idlg", "--clients", "0", "--out", "{w}/new-capture"], "--clients"),
     ("grid malformed", ["audit", "idlg", *FAST, "--grid", "data.batch_size"], "--grid"),
     ("grid sweeps a defense", ["audit", "idlg", *FAST, "--grid", "defense=noise"], "sweep defenses with --defense"),
     ("workers zero", ["audit", "idlg", *FAST, "--workers", "0"], "--workers must be at least 1"),

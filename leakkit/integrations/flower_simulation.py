@@ -85,7 +85,9 @@ def simulate(
                "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}}
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
-    flwr_log.setLevel(logging.WARNING)  # Flower's per-round INFO lines would bury leakkit's own summary
+    # Flower's per-round lines (and its notice that run_simulation will give way to `flwr run`) would bury leakkit's summary
+    flwr_log.setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU-only clients: silence Ray's GPU-variable notice
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ResourceWarning)  # Ray's helper processes outlive the run by design
