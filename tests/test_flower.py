@@ -81,3 +81,15 @@ def test_audit_from_refuses_a_changed_input(capture: Path, tmp_path: Path) -> No
     (forged / "capture.json").unlink()
     (forged / "capture.json").write_text(json.dumps(index))
     assert main(["audit", "rgap", "--from", str(forged), "--out", str(tmp_path / "x"), "--quiet", "--no-report"]) != 0
+
+
+def test_capture_strategy_refuses_a_legacy_strategy(tmp_path: Path) -> None:
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.serverapp.strategy import FedAvg
+
+    from leakkit.integrations.flower import CaptureStrategy
+
+    with pytest.raises(TypeError, match="message-API"):
+        CaptureStrategy(LegacyFedAvg(), out=tmp_path / "c")
+    wrapped = CaptureStrategy(FedAvg(fraction_evaluate=0.0), out=tmp_path / "c")
+    assert wrapped.fraction_evaluate == 0.0  # the inner strategy's settings stay readable

@@ -74,6 +74,11 @@ class CaptureStrategy(Strategy):
         reduction: str = "mean",
         task_options: dict[str, Any] | None = None,
     ) -> None:
+        if not isinstance(strategy, Strategy):
+            raise TypeError(
+                f"CaptureStrategy wraps Flower's message-API strategies (flwr.serverapp.strategy), not {type(strategy).__module__}."
+                f"{type(strategy).__name__}; the legacy flwr.server.strategy classes have message-API twins of the same name"
+            )
         self.strategy = strategy
         self.out = Path(out)
         self.defaults = {"local_lr": local_lr, "local_steps": local_steps, "local_batch": local_batch}

@@ -51,7 +51,9 @@ def simulate(
         ConfigError / InputError: a bad setting, Flower missing, or an existing capture in `out`.
     """
     try:
-        from flwr.simulation import run_simulation
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Flower's own imports use deprecated Click helpers
+            from flwr.simulation import run_simulation
     except ImportError:
         raise ConfigError("leakkit flower needs Flower: pip install 'leakkit[flower]'") from None
     if clients < 1 or rounds < 1:
