@@ -47,6 +47,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         InputError: a missing or unreadable file, or a pickle-based format (.pt, .pth, ...), which
             is refused because loading it can run arbitrary code.
     """
+    return normalise_keys(_read_raw(path))
+
+
+def _read_raw(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(
@@ -62,7 +66,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise InputError(f"not a readable safetensors file: {path} ({e})") from None
-    return normalise_keys(state)
+    return state
 
 
 def load_weights(model: nn.Module, path: str | Path) -> list[str]:
@@ -76,8 +80,8 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     Raises:
         InputError: unreadable file, missing or unexpected keys, or wrong shapes (one line naming them).
     """
-    raw_keys = _keys(path)
-    state = read_state_dict(path)
+    raw = _read_raw(path)
+    state = normalise_keys(raw)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -94,15 +98,5 @@ def load_weights(model: nn.Module, path: str | Path) -> list[str]:
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(state[key].to(target.dtype))
-    return sorted({p for k in raw_keys for p in WRAPPER_PREFIXES if k.startswith(p)})
-
-
-def _keys(path: str | Path) -> list[str]:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception:  # read_state_dict reports the file's problem in its own words
-        return []
+    return sorted({p for k in raw for p in WRAPPER_PREFIXES if k.startswith(p)})
 

@@ -343,12 +343,15 @@ NoiseRule = Callable[[float, dict[str, Any], int, str], float]
 NOISE_RULES: Registry[NoiseRule] = Registry("noise rule")
 NOISE_RULES.register("noise")(lambda v, rec, b, red: v + float(rec["std"]) ** 2)
 NOISE_RULES.register("laplace")(lambda v, rec, b, red: v + 2 * float(rec["scale"]) ** 2)
-NOISE_RULES.register("clip-noise")(
-    lambda v, rec, b, red: v + (float(rec["multiplier"]) * float(rec["clip"]) / (b if red == "mean" else 1)) ** 2
-)
-NOISE_RULES.register("opacus")(
-    lambda v, rec, b, red: v + (float(rec["noise_multiplier"]) * float(rec["max_grad_norm"]) / (b if red == "mean" else 1)) ** 2
-)
+
+
+def _dp_sgd_rule(multiplier: str, clip: str) -> NoiseRule:
+    """DP-SGD's noise: std multiplier x clip on the summed gradient, divided by the batch for a mean."""
+    return lambda v, rec, b, red: v + (float(rec[multiplier]) * float(rec[clip]) / (b if red == "mean" else 1)) ** 2
+
+
+NOISE_RULES.register("clip-noise")(_dp_sgd_rule("multiplier", "clip"))
+NOISE_RULES.register("opacus")(_dp_sgd_rule("noise_multiplier", "max_grad_norm"))
 NOISE_RULES.register("clients")(lambda v, rec, b, red: v / float(rec["n"]) ** 2)  # only this client's noise so far is averaged down
 
 
