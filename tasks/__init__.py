@@ -100,6 +100,13 @@ def _sequence_classification(**options: Any) -> Task:
     return build_text_task("sequence-classification", **options)
 
 
+@register_task("causal-lm", modality="text", description="GPT-style causal LM (next-token prediction); default: a random GPT-2-shaped model")
+def _causal_lm(**options: Any) -> Task:
+    from leakkit.tasks.text import build_text_task
+
+    return build_text_task("causal-lm", **options)
+
+
 __all__ = [
     "Task", "ImageClassification", "TASKS", "MODELS", "MODALITIES", "Modality", "build_model", "check_labels",
     "modality_of", "register_task", "tasks_of", "torchvision_available",

@@ -131,6 +131,71 @@ def load_pretrained(model: str, *, head: str, num_labels: int = 2) -> tuple[nn.M
     return net, tokenizer, notes
 
 
+DEFAULT_DECODER = "gpt2-random"
+DECODER_TYPES = {"gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gemma", "gemma2", "opt", "bloom", "falcon", "olmo", "olmo2", "stablelm", "starcoder2"}
+
+
+def default_decoder(*, seed: int = 0) -> tuple[nn.Module, Any]:
+    """A GPT-2-shaped causal LM (3 layers, width 768, 12 heads, GELU) at a fixed random init, with the
+    shipped MiniLM WordPiece tokenizer ([CLS] opens and [SEP] closes a sentence, as BOS/EOS).
+
+    No pretrained decoder ships offline here; the attack needs the architecture's gradient, not
+    trained weights, and the random init is reproducible from `seed`.
+    """
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_MODEL))
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=512, n_embd=768, n_layer=3, n_head=12, activation_function="gelu_new",
+        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = GPT2LMHeadModel(config)
+    return net.eval(), tokenizer
+
+
+def load_causal(model: str) -> tuple[nn.Module, Any, list[str]]:
+    """The default random GPT-2-shaped decoder, or a local causal-LM directory (GPT-2, Llama, Qwen shapes).
+
+    Returns:
+        (model in eval mode with eager attention, tokenizer, notes for the user).
+    Raises:
+        ConfigError: unknown path, an encoder, a tokenizer without a pad or end token.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if model in ("", DEFAULT_DECODER):
+        net, tokenizer = default_decoder()
+        return net, tokenizer, []
+    path = resolve_model_path(model)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ConfigError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from None
+    if config.model_type not in DECODER_TYPES:
+        raise ConfigError(f"model {model!r} is a {config.model_type!r} model, not a causal LM; supported: {', '.join(sorted(DECODER_TYPES))}")
+    try:
+        net = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise ConfigError(f"cannot load {model!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"the tokenizer of {model!r} has neither a pad nor an end-of-sentence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    notes = []
+    act = str(getattr(config, "hidden_act", getattr(config, "activation_function", "gelu")))
+    if act not in SMOOTH_ACTIVATIONS:
+        notes.append(f"activation {act!r} is piecewise linear: gradient matching needs curvature (the exact attack does not)")
+    return net.eval(), tokenizer, notes
+
+
 class TextTask(Task):
     """Shared behaviour of text adapters: tokenising, embedding, the layout of the current batch.
 
@@ -226,7 +291,7 @@ class TextTask(Task):
 
     def position_embedding_name(self) -> str | None:
         for name, module in self.model.named_modules():
-            if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            if name.endswith(("position_embeddings", "wpe")) and isinstance(module, nn.Embedding):
                 return f"{name}.weight"
         return None
 
@@ -378,17 +443,92 @@ class SequenceClassification(TextTask):
         return TextBatch(input_ids=ids, layout=TextLayout(lengths=lengths), labels=torch.tensor(labels), originals=ids)
 
 
+class CausalLanguageModeling(TextTask):
+    """Next-token prediction on a `...ForCausalLM` decoder (GPT-2, Llama, Qwen shapes).
+
+    Labels are the inputs themselves ([B, n], -100 at padding); the model shifts them, and the
+    loss is the mean over predicted tokens, as in `transformers`. Sentences carry the tokenizer's
+    start and end tokens when it has them, so the attack can tell where a sentence ends.
+    """
+
+    name = "causal-lm"
+
+    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int | None = None, name: str = "") -> None:
+        super().__init__(model, tokenizer, max_length=max_length or int(getattr(model.config, "n_positions", 0) or 0) or None, name=name)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.num_classes = self.vocab_size
+
+    def tokenize(self, sentences: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """As TextTask.tokenize, with the start/end tokens added when the tokenizer leaves them out (GPT-2's does)."""
+        start, end = self.boundary_ids()
+        rows = []
+        for k, s in enumerate(sentences):
+            if not s.strip():
+                raise InputError(f"sentence {k + 1} is empty")
+            ids = list(self.tokenizer(s, add_special_tokens=True, truncation=False)["input_ids"])
+            if start is not None and (not ids or ids[0] != start):
+                ids = [start] + ids
+            if end is not None and ids[-1] != end:
+                ids = ids + [end]
+            if len(ids) > self.max_length:
+                raise InputError(f"sentence {k + 1} has {len(ids)} tokens; the model takes at most {self.max_length}")
+            rows.append(ids)
+        n = max(len(r) for r in rows)
+        ids_t = torch.full((len(rows), n), self.pad_id(), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids_t[i, : len(r)] = torch.tensor(r)
+        return ids_t, [len(r) for r in rows]
+
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    def labels_for(self, input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The training labels of a batch: its tokens, -100 at padding. Shape [B, n]."""
+        labels = input_ids.clone()
+        labels[TextLayout(lengths=lengths).attention_mask().to(labels.device) == 0] = -100
+        return labels
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        logits = self.encoder_outputs(inputs).logits[:, :-1]  # position j predicts token j + 1
+        target = labels[:, 1:]
+        if target.dtype in (torch.int64, torch.int32):
+            per = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+            count = (target >= 0).sum()
+        else:  # soft labels [B, n, V] for matching attacks
+            logp = torch.log_softmax(logits, -1)
+            per = -(target.to(logp) * logp).sum()
+            count = target.sum(-1).gt(0).sum()
+        return per if reduction == "sum" else per / count.clamp_min(1)
+
+    def classifier_parameter_names(self) -> tuple[str, str | None]:
+        out = self.model.get_output_embeddings()
+        b = self.parameter_name(out.bias) if getattr(out, "bias", None) is not None else None
+        return self.parameter_name(out.weight) or "", b
+
+    def make_batch(self, sentences: list[str]) -> TextBatch:
+        ids, lengths = self.tokenize(sentences)
+        return TextBatch(input_ids=ids, layout=TextLayout(lengths=lengths), labels=self.labels_for(ids, lengths), originals=ids)
+
+
 def build_text_task(kind: str, *, model: str = DEFAULT_MODEL, num_classes: int = 2, max_length: int = 0, mask_probability: float = 0.15) -> TextTask:
-    """Load `model` and wrap it in the masked-LM or classification adapter; notes become warnings."""
-    net, tokenizer, notes = load_pretrained(model, head=kind, num_labels=num_classes)
-    if kind == "masked-lm":
-        task: TextTask = MaskedLanguageModeling(net, tokenizer, max_length=max_length or None, mask_probability=mask_probability, name=model)
+    """Load `model` and wrap it in the masked-LM, classification or causal-LM adapter; notes become warnings."""
+    if kind == "causal-lm":
+        net, tokenizer, notes = load_causal("" if model == DEFAULT_MODEL else model)
+        task: TextTask = CausalLanguageModeling(net, tokenizer, max_length=max_length or None, name=model if model != DEFAULT_MODEL else DEFAULT_DECODER)
     else:
-        task = SequenceClassification(net, tokenizer, max_length=max_length or None, name=model)
+        net, tokenizer, notes = load_pretrained(model, head=kind, num_labels=num_classes)
+        if kind == "masked-lm":
+            task = MaskedLanguageModeling(net, tokenizer, max_length=max_length or None, mask_probability=mask_probability, name=model)
+        else:
+            task = SequenceClassification(net, tokenizer, max_length=max_length or None, name=model)
     task.notes = notes
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return task
 
 
-__all__ = ["TextLayout", "TextBatch", "TextTask", "MaskedLanguageModeling", "SequenceClassification", "load_pretrained", "build_text_task"]
+__all__ = [
+    "TextLayout", "TextBatch", "TextTask", "MaskedLanguageModeling", "SequenceClassification", "CausalLanguageModeling",
+    "load_pretrained", "load_causal", "default_decoder", "build_text_task",
+]

@@ -332,3 +332,21 @@ def test_an_audit_says_the_new_head_warning_once(mlm_dir: Path, tmp_path: Path) 
                    "--out", str(tmp_path / "a"), "--no-utility", "--no-report", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert sum("newly initialised" in line for line in proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_token_leak_on_a_large_tied_table_fits_the_span_on_a_sample() -> None:
+    # BERT-sized table: 20,000 decoder rows in a 6-dimensional span (6 masked positions), 12 input rows
+    # off it, 3 of which are also labels (their rows are dominated by the decoder part)
+    gen = torch.Generator().manual_seed(0)
+    V, d, M = 20_000, 96, 6
+    h = torch.randn(M, d, generator=gen, dtype=torch.float64)
+    coef = torch.rand(V, M, generator=gen, dtype=torch.float64) * 1e-4
+    labels = torch.randperm(V, generator=gen)[:M]
+    coef[labels, torch.arange(M)] -= 1.0
+    grad = coef @ h
+    tokens = sorted(torch.randperm(V, generator=gen)[:9].tolist() + labels[:3].tolist())
+    for t in tokens:
+        grad[t] += 1e-2 * torch.randn(d, generator=gen, dtype=torch.float64)
+    leak = ta.token_leak(grad.float().double(), tied=True)
+    assert leak.tokens == tokens
+    assert leak.decoder_span.shape == (d, M)

@@ -25,7 +25,7 @@ from leakkit.run.config import Recipe
 from leakkit.run.rundir import RunDir
 from leakkit.tasks import MODALITIES, check_labels
 from leakkit.tasks.weights import load_weights
-from leakkit.tasks.text import MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
+from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, TextBatch, TextLayout, TextTask, build_text_task
 from leakkit.text.attack import TextRecovery
 from leakkit.text.data import TextSample, draw_text, read_input
 
@@ -66,6 +66,8 @@ def make_text_batch(task: TextTask, samples: Sequence[TextSample], *, seed: int)
     texts = [s.text for s in samples]
     if isinstance(task, MaskedLanguageModeling):
         return task.make_batch(texts, generator=gen)
+    if isinstance(task, CausalLanguageModeling):
+        return task.make_batch(texts)  # labels are the sentence itself
     check_labels([s.label for s in samples], task.num_classes)
     labels = [s.label if s.label is not None else int(torch.randint(task.num_classes, (), generator=gen)) for s in samples]
     return task.make_batch(texts, labels)  # type: ignore[attr-defined]
@@ -123,7 +125,9 @@ def score_text(task: TextTask, batch: TextBatch, recovery: TextRecovery) -> list
     for i, ref in enumerate(refs):
         j = perm[i]
         r = metrics.rouge(ref, recs[j])
-        if masked_lm:
+        if isinstance(task, CausalLanguageModeling):
+            label_ok = refs_ids[i] == recovery.token_ids[j]  # a causal LM's labels are its inputs
+        elif masked_lm:
             truth = batch.labels[i][batch.labels[i] >= 0].tolist()
             got = recovery.labels[j][recovery.labels[j] >= 0].tolist() if j < recovery.labels.shape[0] else []
             label_ok = truth == got

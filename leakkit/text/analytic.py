@@ -34,6 +34,8 @@ SPAN_TOL = 1e-3
 # by its decoder part, and only its small input part (well above float32 noise, ~1e-6) sets it apart.
 ROW_OUTLIER = 8.0
 FIT_TOL = 2e-5
+FIT_SAMPLE = 4096  # word-embedding rows used to fit the tied decoder's span
+LEVERAGE = 0.9  # a sample row above this leverage carries a direction of its own (a token row)
 
 
 class _Stop(Exception):
@@ -60,10 +62,26 @@ def span_residual(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return rest.norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-300)
 
 
-def input_span(observation: Observation, weight_names: Sequence[str], *, rel_tol: float = 1e-6) -> torch.Tensor:
-    """Span of the inputs of the linear layers `weight_names` (all fed the same tensor)."""
-    stacked = torch.cat([observation.gradients[n].double() for n in weight_names], dim=0)
-    return row_span(stacked, rel_tol=rel_tol)
+def input_span(observation: Observation, weight_names: Sequence[str], *, rel_tol: float = 1e-6, model: nn.Module | None = None) -> torch.Tensor:
+    """Span of the inputs of the linear layers `weight_names` (all fed the same tensor).
+
+    Args:
+        model: the attacker's model, to orient the gradients of GPT-2's Conv1D layers (weight [in, out]).
+    """
+    def rows(name: str) -> torch.Tensor:
+        g = observation.gradients[name].double()
+        return g.T if model is not None and _is_conv1d(model.get_submodule(name.rpartition(".")[0])) else g
+
+    return row_span(torch.cat([rows(n) for n in weight_names], dim=0), rel_tol=rel_tol)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer that stores its weight as [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+# Fused query/key/value projections: one layer reads the attention input (GPT-2, GPT-NeoX, Phi, MPT)
+FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")
 
 
 # --- where the model's linear layers take their inputs --------------------------------------
@@ -74,12 +92,13 @@ class LinearCall:
 
 
 def linear_groups(model: nn.Module, example_ids: torch.Tensor) -> list[list[str]]:
-    """Names of nn.Linear modules that read the same tensor, in call order (e.g. Q, K, V of each
-    attention layer). Found with temporary forward pre-hooks on one forward pass."""
+    """Names of linear modules that read the same tensor, in call order (e.g. Q, K, V of each
+    attention layer), and fused QKV projections on their own (FUSED_QKV). Found with temporary
+    forward pre-hooks on one forward pass."""
     calls: list[LinearCall] = []
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or _is_conv1d(module):
             handles.append(module.register_forward_pre_hook(lambda m, a, name=name: calls.append(LinearCall(name, id(a[0])))))
     try:
         with torch.no_grad():
@@ -93,7 +112,7 @@ def linear_groups(model: nn.Module, example_ids: torch.Tensor) -> list[list[str]
             groups[-1].append((call.name, call.input_id))
         else:
             groups.append([(call.name, call.input_id)])
-    return [[n for n, _ in g] for g in groups if len(g) >= 2]
+    return [[n for n, _ in g] for g in groups if len(g) >= 2 or g[0][0].rpartition(".")[2] in FUSED_QKV]
 
 
 def capture_input(model: nn.Module, module_name: str, **forward: Any) -> torch.Tensor:
@@ -132,14 +151,16 @@ class TokenLeak:
     decoder_span: torch.Tensor
 
 
-def token_leak(word_grad: torch.Tensor, *, tied: bool, max_rank: int = 256) -> TokenLeak:
+def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6) -> TokenLeak:
     """Separate the input tokens from a word-embedding gradient [V, d].
 
     Untied (or classification): the non-zero rows. Tied masked LM: every row of the decoder part
-    lies in an M-dimensional span (M = masked positions). Rows are normalised, and for r = 1, 2, ...
-    a rank-r span is fitted to the rows that fit it, until all but a few rows (the tokens) fit it
-    to float precision. Rows left off the span are exactly the input tokens, including a token
-    that is also a label (its row mixes both parts).
+    lies in an M-dimensional span S (M = masked positions); a token row adds a direction of its own.
+    S is fitted on a fixed sample of the normalised rows, after dropping the sample rows with
+    leverage near 1 (a row whose removal lowers the rank carries a direction no other row has:
+    a token row). Rows with a component off S are then exactly the input tokens, including a
+    token that is also a label (its row mixes both parts). One SVD of a FIT_SAMPLE x d matrix per
+    pass: well under a second for BERT's 30k-row table.
     """
     g = word_grad.double()
     norms = g.norm(dim=1)
@@ -148,23 +169,21 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, max_rank: int = 256) -> T
         nz = torch.nonzero(used_rows(norms)).flatten()
         return TokenLeak(nz.tolist(), g[nz], torch.zeros(d, 0, dtype=torch.float64))
     nz = torch.nonzero(norms > 0).flatten()
-    unit = g[nz] / norms[nz, None]
-    gram = unit.T @ unit
-    outliers = torch.zeros(len(nz), dtype=torch.bool)
-    basis = torch.zeros(d, 0, dtype=torch.float64)
-    for r in range(1, min(d, max_rank) + 1):
-        outliers = torch.zeros(len(nz), dtype=torch.bool)
-        # loose to tight: the rows furthest off go first, so token rows stop bending the fit
-        for tol in (0.1, 0.02, 4e-3, 8e-4, 1.6e-4, FIT_TOL, FIT_TOL):
-            off = unit[outliers]
-            # top-r right singular vectors of the inliers, from their Gram matrix
-            _, vecs = np.linalg.eigh((gram - off.T @ off).cpu().numpy())
-            basis = torch.from_numpy(np.ascontiguousarray(vecs[:, ::-1][:, :r])).to(unit)
-            resid = (1 - (unit @ basis).pow(2).sum(1)).clamp_min(0).sqrt()
-            outliers = resid > tol
-        if int(outliers.sum()) <= len(nz) // 2:
+    unit = (g[nz] / norms[nz, None]).cpu().numpy()
+    # tens of thousands of decoder rows repeat the same M directions: a fixed sample spans S
+    rng = np.random.default_rng(0)
+    sample = unit[np.sort(rng.choice(len(unit), FIT_SAMPLE, replace=False))] if len(unit) > FIT_SAMPLE else unit
+    for _ in range(3):
+        u, s, vt = np.linalg.svd(sample, full_matrices=False)
+        r = int((s > rel_tol * s[0]).sum()) if s.size and s[0] > 0 else 0
+        unique = (u[:, :r] ** 2).sum(1) > LEVERAGE
+        if not unique.any() or unique.all():
             break
-    rows = nz[outliers]
+        sample = sample[~unique]
+    basis_np = np.ascontiguousarray(vt[:r].T)
+    outliers = np.sqrt(np.clip(1 - ((unit @ basis_np) ** 2).sum(1), 0, None)) > FIT_TOL
+    basis = torch.from_numpy(basis_np).to(g)
+    rows = nz[torch.from_numpy(outliers)]
     proj = g[rows] - (g[rows] @ basis) @ basis.T
     return TokenLeak(rows.tolist(), proj, basis)
 
@@ -243,7 +262,7 @@ def position_candidates(task: Any, observation: Observation, *, tokens: Sequence
     """
     model = task.model
     groups = attention_groups(task)
-    basis = input_span(observation, _weights(groups[0]))
+    basis = input_span(observation, _weights(groups[0]), model=model)
     vocab = torch.tensor(tokens if tokens is not None else range(task.embedding_matrix().shape[0]), dtype=torch.long)
     n_max = n_max or task.max_length
     out: list[list[int]] = []
@@ -302,7 +321,7 @@ def layer_residual(task: Any, observation: Observation, layer: int, input_ids: t
     key = ("span", layer)
     cache = task.__dict__.setdefault("_span_cache", {})
     if key not in cache or cache[key][0] is not observation:
-        cache[key] = (observation, input_span(observation, _weights(groups[layer])))
+        cache[key] = (observation, input_span(observation, _weights(groups[layer]), model=task.model))
     basis = cache[key][1]
     n = input_ids.shape[1]
     mask = torch.stack([torch.arange(n) < L for L in lengths]).long().to(input_ids.device)

@@ -22,8 +22,9 @@ from leakkit.client.observation import Observation
 from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
 from leakkit.engine.objectives import relative_distance
 from leakkit.errors import ConfigError, InputError
-from leakkit.tasks.text import MaskedLanguageModeling, TextLayout, TextTask
+from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, TextLayout, TextTask
 from leakkit.text import analytic as ta
+from leakkit.text import decoder as dec
 from leakkit.text.decoders import TOKEN_DECODERS
 
 EXACT_DISTANCE = 1e-5  # relative gradient distance below which a recovered batch reproduces the update
@@ -139,6 +140,8 @@ def exact(
     """
     started = time.perf_counter()
     observation = _received(task, observation, "exact")
+    if isinstance(task, CausalLanguageModeling):
+        return _decoder_exact(task, observation, device=device, started=started)
     work = _attacker_copy(task.sharing(observation), device)
     notes: list[str] = []
     B = observation.batch_size
@@ -176,6 +179,49 @@ def exact(
         input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
         token_ids=_fill_labels(input_ids.cpu(), lengths, labels.cpu(), masked_lm),
         distance=distance, seconds=time.perf_counter() - started, status=status, method="exact", notes=notes,
+    )
+
+
+def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, device: str, started: float) -> TextRecovery:
+    """DAGER's decoder search (leakkit.text.decoder), then the batch's gradient recomputed in float64."""
+    notes: list[str] = []
+    B = observation.batch_size
+    # the span checks need float32 only; the final gradient check runs in float64
+    finder = task.sharing(observation).copy_to(dtype=torch.float32, device=device)
+    tokens = dec.candidate_tokens(finder, observation, notes)  # type: ignore[arg-type]
+    limit = dec.position_limit(observation, finder) or finder.max_length  # type: ignore[arg-type]
+    candidates = ta.position_candidates(finder, observation, tokens=tokens, n_max=limit)
+    if not candidates:
+        raise InputError("no token fits the first layer's input span: is this gradient from this model?")
+    found = dec.search(finder, observation, candidates)  # type: ignore[arg-type]
+    notes += found.notes
+    order = sorted(range(len(found.sentences)), key=lambda k: found.residuals[k])
+    rows = [found.sentences[k] for k in order]
+    if not rows:
+        raise InputError("no sentence passed the second layer's span check: is this gradient from this model?")
+    _, end = task.boundary_ids()
+    options = rows + [p + [end] for p in found.prefixes] if end is not None else rows
+    counts = dec.multiplicities(finder, observation, options, B)  # type: ignore[arg-type]
+    if counts is not None:
+        rows = [o for o, c in zip(options, counts) for _ in range(c)]
+        notes.append("sentence counts read off the end token's output-layer gradient")
+    elif len(rows) > B:
+        notes.append(f"{len(rows)} sentences passed the span checks for a batch of {B}; kept the {B} closest")
+        rows = rows[:B]
+    elif len(rows) < B:
+        notes.append(f"found {len(rows)} distinct sentence(s) for a batch of {B}: the rest repeat them (the client may have sent duplicates)")
+        rows += [rows[i % len(rows)] for i in range(B - len(rows))]
+    del finder
+    work = _attacker_copy(task.sharing(observation), device)
+    input_ids, lengths = _pad(rows, task.pad_id())
+    input_ids = input_ids.to(device)
+    labels = task.labels_for(input_ids, lengths)
+    distance = gradient_distance(work, observation, input_ids, lengths, labels)
+    notes.append(f"decoder search: {found.checked} prefixes checked over {found.positions} positions")
+    return TextRecovery(
+        input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(), token_ids=[list(r) for r in rows],
+        distance=distance, seconds=time.perf_counter() - started, status="exact" if distance < EXACT_DISTANCE else "approximate",
+        method="exact", notes=notes,
     )
 
 
