@@ -222,6 +222,7 @@ class TextTask(Task):
         self.input_shape = (self.layout.seq_len, self.hidden)
         self.notes: list[str] = []
         self.withheld: set[str] = set()
+        self.soft_tokens: torch.Tensor | None = None
 
     # --- layout --------------------------------------------------------------------------------
     def with_layout(self, layout: TextLayout) -> "TextTask":
@@ -229,7 +230,19 @@ class TextTask(Task):
         clone = copy.copy(self)
         clone.layout = layout
         clone.layout_known = True
-        clone.input_shape = (layout.seq_len, self.hidden)
+        clone.input_shape = (layout.seq_len, self.hidden if self.soft_tokens is None else len(self.soft_tokens))
+        return clone
+
+    def with_soft_tokens(self, tokens: list[int]) -> "TextTask":
+        """A shallow copy whose attacker inputs are logits over `tokens` per position, [B, n, len(tokens)].
+
+        The input embedding is softmax(logits) @ E[tokens], read from the model's own table, so a
+        candidate's gradient reaches the word-embedding table as a real lookup's does (rows
+        outside `tokens` stay zero) and that gradient can be matched too.
+        """
+        clone = copy.copy(self)
+        clone.soft_tokens = torch.tensor(tokens, dtype=torch.long)
+        clone.input_shape = (self.layout.seq_len, len(tokens))
         return clone
 
     def special_ids(self) -> set[int]:
@@ -296,9 +309,9 @@ class TextTask(Task):
         return None
 
     def matched_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        # The word-embedding gradient of a continuous candidate lacks the lookup's part (there
-        # are no token ids to scatter into), so it is read analytically, never matched.
-        skip = {self.word_embedding_name(), *self.withheld}
+        # The word-embedding gradient of a free embedding candidate lacks the lookup's part (there
+        # are no token ids to scatter into), so it is matched only in the soft-token space.
+        skip = {*self.withheld} if self.soft_tokens is not None else {self.word_embedding_name(), *self.withheld}
         return [(n, p) for n, p in self.parameters() if n not in skip]
 
     def sharing(self, observation: Any) -> "TextTask":
@@ -311,11 +324,16 @@ class TextTask(Task):
         mask = self.layout.attention_mask().to(inputs.device)
         if inputs.dtype in (torch.int64, torch.int32):
             return self.model(input_ids=inputs, attention_mask=mask)
+        if self.soft_tokens is not None:
+            table = self.embedding_matrix()[self.soft_tokens.to(inputs.device)]
+            return self.model(inputs_embeds=torch.softmax(inputs, -1) @ table, attention_mask=mask)
         return self.model(inputs_embeds=inputs, attention_mask=mask)
 
     def initial_guess(self, batch_size: int, *, init: str, generator: torch.Generator) -> torch.Tensor:
-        table = self.embedding_matrix().detach().double().cpu()
         shape = (batch_size, *self.input_shape)
+        if self.soft_tokens is not None:  # logits: near-uniform mixtures of the allowed tokens
+            return torch.randn(shape, generator=generator, dtype=torch.float64) * (0.01 if init == "mid" else 1.0)
+        table = self.embedding_matrix().detach().double().cpu()
         if init == "gaussian":  # matches the table's per-dimension mean and spread
             return table.mean(0) + table.std(0) * torch.randn(shape, generator=generator, dtype=torch.float64)
         if init == "uniform":  # random real tokens

@@ -28,6 +28,7 @@ from leakkit.text import decoder as dec
 from leakkit.text.decoders import TOKEN_DECODERS
 
 EXACT_DISTANCE = 1e-5  # relative gradient distance below which a recovered batch reproduces the update
+SPACES = ("embeddings", "soft-tokens")  # what the continuous text search optimises (TextAttackSettings.space)
 
 
 @dataclass
@@ -58,16 +59,22 @@ class TextRecovery:
 class TextAttackSettings:
     """The text attacks' own options; a recipe sets them under `[attack]` (or `[text]`).
 
+    space: "embeddings" (free word embeddings, decoded to the nearest token; the papers' space) or
+    "soft-tokens" (per position, a softmax mixture of the tokens the word-embedding gradient leaks:
+    the candidate's own word-embedding gradient is then matched too, and decoding is the argmax);
     decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
     word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off).
     """
 
+    space: str = "embeddings"
     decoder: str = "cosine"
     restrict_tokens: bool = False
     discrete_steps: int = 0
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names or out-of-range numbers."""
+        if self.space not in SPACES:
+            raise ConfigError(f"unknown attack.space {self.space!r}; valid: {', '.join(SPACES)}")
         TOKEN_DECODERS.get(self.decoder)
         if self.discrete_steps < 0:
             raise ConfigError("attack.discrete_steps must be 0 (off) or positive")
@@ -156,10 +163,12 @@ def exact(
     if B == 1 and leak is not None and pname and pname in grads:
         positions = ta.nonzero_positions(grads[pname])
         S = ta.order_from_positions(leak.input_rows, grads[pname][positions], leak.decoder_span)
-        if (S - S.round()).abs().max() < 0.05 and torch.equal(S.round().sum(0), torch.ones(S.shape[1], dtype=S.dtype)):
-            rows = [[leak.tokens[int(t)] for t in S.argmax(0)]]
-        else:
-            notes.append("position-gradient order was not exact; using span checks")
+        off = float((S - S.round()).abs().max())
+        # each position takes the token whose row holds most of it: exact on a clean update, and on
+        # a noisy one a ranking that degrades gradually (the span checks below fail outright there)
+        rows = [[leak.tokens[int(t)] for t in S.argmax(0)]]
+        if off >= 0.05:
+            notes.append(f"order read from a noisy position gradient (largest deviation from 0/1: {off:.2f})")
     if rows is None:
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
@@ -437,25 +446,32 @@ def match(
     text.validate()
     observation = _received(task, observation, "match")
     view = attacker_view(task, observation)
+    masked_lm = isinstance(view, MaskedLanguageModeling)
+    wname = view.word_embedding_name()
+    notes: list[str] = []
+    leaked: list[int] | None = None
+    if (text.restrict_tokens or text.space == "soft-tokens") and wname in observation.gradients:
+        leaked = ta.token_leak(observation.gradients[wname], tied=masked_lm and view.tied_decoder()).tokens
+    if text.space == "soft-tokens":
+        if leaked is None:
+            raise ConfigError("attack.space=soft-tokens needs the word-embedding gradient (it mixes the tokens that gradient leaks); it is withheld")
+        view = view.with_soft_tokens(leaked)
     recovery = reconstruct(view, observation, attack, seed=seed, device=device, callbacks=callbacks)
     work = _attacker_copy(view, device)
-    masked_lm = isinstance(work, MaskedLanguageModeling)
     lengths = list(view.layout.lengths)
     B, n = len(lengths), view.layout.seq_len
-    notes: list[str] = []
-    allowed: list[int] | None = None
-    wname = work.word_embedding_name()
-    if text.restrict_tokens:
-        if wname in observation.gradients:
-            allowed = ta.token_leak(observation.gradients[wname], tied=masked_lm and work.tied_decoder()).tokens
-        else:
-            notes.append("attack.restrict_tokens ignored: the word-embedding gradient is withheld")
-    special = work.special_ids()
-    keep = [t for t in (allowed if allowed is not None else range(work.embedding_matrix().shape[0])) if t not in special]
-    if masked_lm and work.tokenizer.mask_token_id is not None:
-        keep.append(int(work.tokenizer.mask_token_id))  # the client's inputs hold [MASK]; other specials are fixed
-    table = work.embedding_matrix().detach()
-    ids = TOKEN_DECODERS.get(text.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
+    allowed: list[int] | None = leaked if text.restrict_tokens else None
+    if text.restrict_tokens and leaked is None:
+        notes.append("attack.restrict_tokens ignored: the word-embedding gradient is withheld")
+    if text.space == "soft-tokens":
+        ids = torch.tensor(leaked)[recovery.inputs.argmax(-1)]
+    else:
+        special = work.special_ids()
+        keep = [t for t in (allowed if allowed is not None else range(work.embedding_matrix().shape[0])) if t not in special]
+        if masked_lm and work.tokenizer.mask_token_id is not None:
+            keep.append(int(work.tokenizer.mask_token_id))  # the client's inputs hold [MASK]; other specials are fixed
+        table = work.embedding_matrix().detach()
+        ids = TOKEN_DECODERS.get(text.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
     cls, sep = work.boundary_ids()
     for b, L in enumerate(lengths):
         if cls is not None:
@@ -471,7 +487,7 @@ def match(
         labels = torch.tensor(recovery.label_ids, device=device)
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
     if text.discrete_steps > 0:
-        pool = allowed if allowed is not None else None
+        pool = allowed if allowed is not None else leaked
         input_ids, distance = refine(work, observation, input_ids, lengths, labels, distance, pool=pool, budget=text.discrete_steps, seed=seed)
     status = "exact" if distance < EXACT_DISTANCE else recovery.status
     return TextRecovery(
