@@ -350,3 +350,38 @@ def test_token_leak_on_a_large_tied_table_fits_the_span_on_a_sample() -> None:
     leak = ta.token_leak(grad.float().double(), tied=True)
     assert leak.tokens == tokens
     assert leak.decoder_span.shape == (d, M)
+
+
+def test_noisy_update_order_is_ranked_not_rejected(cls_dir: Path) -> None:
+    # noise that blurs the position matrix away from 0/1 but leaves its ranking: the sentence still comes back
+    from leakkit.client.victim import defend
+
+    task = _task("sequence-classification", cls_dir)
+    sentence = cola(1, 7)
+    b = task.make_batch(sentence, [1])
+    clean = observe(task.with_layout(b.layout), b.input_ids, b.labels)
+    scale = float(clean.gradients[task.position_embedding_name()][: b.layout.lengths[0]].std())
+    noisy = defend(clean, f"noise:std={scale / 100:.3g}", seed=0)
+    rec = exact(task, noisy)
+    assert task.decode(rec.token_ids[0]) == task.decode(b.originals[0].tolist())
+    assert any("noisy position gradient" in n for n in rec.notes)
+
+
+def test_soft_token_space_reproduces_the_lookup_gradient_of_the_word_embeddings(cls_dir: Path) -> None:
+    # a near one-hot mixture over the leaked tokens has (to softmax precision) the real lookup's
+    # word-embedding gradient, which is why that gradient can be matched in this space
+    task = _task("sequence-classification", cls_dir)
+    b = task.make_batch(cola(1, 3), [0])
+    view = task.with_layout(b.layout)
+    want = dict(zip([n for n, _ in view.parameters()], view.gradients(b.input_ids, b.labels)))
+    tokens = sorted(set(b.input_ids[0].tolist()))
+    soft = view.with_soft_tokens(tokens).with_layout(b.layout)
+    assert task.word_embedding_name() in [n for n, _ in soft.matched_parameters()]
+    assert task.word_embedding_name() not in [n for n, _ in view.matched_parameters()]
+    logits = torch.full((1, b.input_ids.shape[1], len(tokens)), -40.0)
+    for j, t in enumerate(b.input_ids[0].tolist()):
+        logits[0, j, tokens.index(t)] = 40.0
+    got = dict(zip([n for n, _ in soft.matched_parameters()], soft.gradients(logits, b.labels, matched=True)))
+    w = task.word_embedding_name()
+    assert torch.allclose(got[w], want[w], atol=1e-6)
+    assert int((got[w].norm(dim=1) > 0).sum()) == len(tokens)
