@@ -173,10 +173,13 @@ def exact(
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
-        candidates = ta.position_candidates(work, observation, tokens=leak.tokens if leak else None)
+        # span checks need float32 only (members sit near 1e-6, non-members near 1): twice as fast
+        finder = task.sharing(observation).copy_to(dtype=torch.float32, device=device)
+        candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None)  # type: ignore[arg-type]
         if not candidates:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
-        rows = assemble(work, observation, candidates, B, seed=seed, notes=notes)
+        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes)  # type: ignore[arg-type]
+        del finder
     input_ids, lengths = _pad(rows, _pad_id(work))
     input_ids = input_ids.to(device)
     labels = _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
