@@ -34,7 +34,7 @@ SPAN_TOL = 1e-3
 # by its decoder part, and only its small input part (well above float32 noise, ~1e-6) sets it apart.
 ROW_OUTLIER = 8.0
 FIT_TOL = 2e-5
-FIT_SAMPLE = 4096  # word-embedding rows used to fit the tied decoder's span
+FIT_SAMPLE = 2048  # word-embedding rows used to fit the tied decoder's span
 LEVERAGE = 0.9  # a sample row above this leverage carries a direction of its own (a token row)
 
 
