@@ -108,6 +108,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("unknown method", ["run", "dlg", "attack.method=exact"], "does not apply to image tasks"),
     ("unknown defense", ["run", "dlg", "--defense", "shield"], "unknown defense 'shield'"),
     ("defense not a number", ["run", "dlg", "--defense", "noise:std=abc"], "noise"),
+    ("unknown text space", ["run", "dlg-bert", "text.space=pixels"], "unknown attack.space 'pixels'"),
+    ("continuous search on a decoder", ["run", "decoder-exact", "attack.method=match", "data.batch_size=1"], "attack.method=exact"),
     ("defense out of range", ["run", "dlg", "--defense", "noise:std=-1"], "out of range"),
     # run: inputs
     ("missing input", ["run", "idlg", *FAST, "--input", "{w}/nothing.png"], "input not found"),

@@ -447,6 +447,8 @@ def match(
     started = time.perf_counter()
     text = text or TextAttackSettings()
     text.validate()
+    if isinstance(task, CausalLanguageModeling):
+        raise ConfigError("the causal-LM task is attacked with attack.method=exact (decoder-exact); continuous matching supports BERT-style encoders")
     observation = _received(task, observation, "match")
     view = attacker_view(task, observation)
     masked_lm = isinstance(view, MaskedLanguageModeling)
