@@ -210,7 +210,8 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
     order = sorted(range(len(found.sentences)), key=lambda k: found.residuals[k])
     rows = [found.sentences[k] for k in order]
     if not rows:
-        raise InputError("no sentence passed the second layer's span check: is this gradient from this model?")
+        raise InputError("no sentence passed the second layer's span check: the update is from another model, "
+                         "or a defense changed it (the exact decoder search needs an undefended update)")
     _, end = task.boundary_ids()
     options = rows + [p + [end] for p in found.prefixes] if end is not None else rows
     counts = dec.multiplicities(finder, observation, options, B)  # type: ignore[arg-type]
