@@ -135,3 +135,14 @@ def test_an_encoder_is_refused_as_a_causal_lm(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="not a causal LM"):
         _task(enc)
+
+
+def test_a_noisy_update_is_refused_instead_of_searched_forever(gpt_dir: Path) -> None:
+    # noise makes every span full rank: each prefix would pass and the search would grow without end
+    from leakkit.client.victim import defend
+    from leakkit.errors import InputError
+
+    task = _task(gpt_dir)
+    _, obs = _update(task, cola(3, 5))
+    with pytest.raises(InputError, match="full rank"):
+        exact(task, defend(obs, "noise:std=1e-4", seed=0))

@@ -81,6 +81,12 @@ def search(
     model = task.model
     dev = next(model.parameters()).device
     basis = ta.input_span(observation, ta._weights(groups[1]), model=model).to(device=dev, dtype=next(model.parameters()).dtype)
+    if basis.shape[1] >= basis.shape[0] - 1:
+        # every vector lies in a full-rank span: the check would pass everything and the search explode
+        raise InputError(
+            f"the second attention layer's gradient has full rank ({basis.shape[1]} of {basis.shape[0]}): a defense added "
+            "noise, or the batch holds more tokens than the model is wide; the exact decoder search cannot split it"
+        )
     _, end = task.boundary_ids()
     out = PrefixSearch(sentences=[], residuals=[])
     # (prefix, its worst residual so far, the first layer's keys and values for it [heads, j, head_dim])
