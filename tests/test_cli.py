@@ -127,6 +127,9 @@ def test_ctrl_c_keeps_finished_results(tmp_path):
         [sys.executable, "-m", "leakkit", "run", "dlg", "--samples", "200", "--out", str(out), "--quiet",
          "task.image_size=16", "task.num_classes=10", "attack.restarts=1", "attack.steps=40", "attack.stop_distance=0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a suite started in the background (nohup ... &) inherits an ignored SIGINT, and Python then
+        # installs no KeyboardInterrupt handler: give the run the default a user's terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # wait for the first finished batch however slow the machine is; only then interrupt
     deadline = time.time() + 600
