@@ -173,7 +173,7 @@ def exact(
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
-        # span checks need float32 only (members sit near 1e-6, non-members near 1): twice as fast
+        # span checks need float32 only (members sit near 1e-6, non-members near 1)
         finder = task.sharing(observation).copy_to(dtype=torch.float32, device=device)
         candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None)  # type: ignore[arg-type]
         if not candidates:
