@@ -74,3 +74,38 @@ def test_linear_layer_inputs_separate_a_batch():
     wrong = torch.nn.functional.one_hot(torch.tensor([1, 4, 6, 9]), 10).double()
     _, bad = analytic.linear_layer_inputs(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, wrong)
     assert bad > 1e-4
+
+
+def _confident_victim(labels, confident, boost=6.0):
+    """A real LeNet whose output bias makes every example predict `confident` with p > 0.99."""
+    torch.manual_seed(0)
+    task = ImageClassification.from_name("lenet", num_classes=10, image_size=16)
+    with torch.no_grad():
+        task.model.fc.bias[confident] += boost
+    x = torch.stack([torch.from_numpy(real_image(16, i)) for i in range(len(labels))])
+    with torch.no_grad():
+        assert float(torch.softmax(task.model(x), dim=-1)[:, confident].min()) > 0.99
+    return task, observe(task, x, torch.tensor(labels))
+
+
+def test_a_confidently_predicted_present_class_is_found_by_the_residual():
+    labels = [1, 4, 6, 8]
+    task, obs = _confident_victim(labels, confident=6)
+    gW, gb = obs.gradients["fc.weight"], obs.gradients["fc.bias"]
+    # the sign rule alone cannot see class 6: the others' probabilities outweigh its label
+    assert 6 not in analytic.label_counts(gW, gb, 4)
+    got, residual = analytic.label_search(gW, gb, task.model.fc.weight, task.model.fc.bias, 4)
+    assert got == sorted(labels) and residual < analytic.LABEL_FIT
+    onehot = LABELS.get("batch")(obs, task)
+    assert sorted(int(c) for c in onehot.argmax(dim=1)) == sorted(labels)
+
+
+def test_label_search_keeps_repeats_and_plain_batches():
+    labels = [2, 2, 5]
+    task, x, obs = _setup(3, labels)
+    got, residual = analytic.label_search(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, 3)
+    # repeats are harder to separate: the fit is looser but still far below a wrong set's (> 1e-4)
+    assert got == labels and residual < 1e-6
+    task, x, obs = _setup(3, [0, 3, 9])
+    got, _ = analytic.label_search(obs.gradients["fc.weight"], obs.gradients["fc.bias"], task.model.fc.weight, task.model.fc.bias, 3)
+    assert got == [0, 3, 9]

@@ -5,7 +5,12 @@ All functions take gradient tensors only (never ground truth).
 
 from __future__ import annotations
 
+from itertools import combinations_with_replacement
+
 import torch
+
+# A label set whose feature solve fits the gradient this closely is the batch's (wrong labels leave > 1e-3).
+LABEL_FIT = 1e-8
 
 
 def class_signal(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
@@ -126,3 +131,58 @@ def linear_layer_inputs(
     opt.step(closure)
     H = H.detach()
     return H, float(residual(H))
+
+
+def label_search(
+    weight_grad: torch.Tensor,
+    bias_grad: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    batch_size: int,
+    *,
+    reduction: str = "mean",
+    candidates: int = 8,
+    max_missing: int = 2,
+    iterations: int = 300,
+) -> tuple[list[int], float]:
+    """Labels of a batch, searching the ones the sign rule cannot see.
+
+    A present class is hidden from `label_counts` when other examples predict it confidently (their
+    summed probability outweighs its count). When the sign rule finds fewer distinct classes than the
+    batch size, each candidate completion (repeats of the classes found, or one of the `candidates`
+    non-negative classes with the largest signal) is scored by the residual of the output layer's
+    feature solve (`linear_layer_inputs`), and the best fit is kept; a fit below LABEL_FIT ends the
+    search. More than `max_missing` unseen labels keep `label_counts`' estimate.
+
+    Args:
+        weight_grad, bias_grad: the output layer's observed gradients, shapes [C, D] and [C].
+        weight, bias: the output layer's parameters.
+        batch_size: examples in the batch.
+    Returns:
+        (sorted class ids with multiplicity, residual of their feature solve).
+    """
+    num_classes = bias_grad.shape[0]
+
+    def residual(ids: list[int]) -> float:
+        Y = torch.nn.functional.one_hot(torch.tensor(ids), num_classes).double()
+        _, r = linear_layer_inputs(weight_grad, bias_grad, weight, bias, Y, reduction=reduction, iterations=iterations)
+        return r
+
+    estimate = label_counts(weight_grad, bias_grad, batch_size, reduction=reduction)
+    found = sorted(set(estimate))
+    missing = batch_size - len(found)
+    best = (residual(estimate), estimate)
+    if missing == 0 or missing > max_missing or best[0] < LABEL_FIT:
+        return best[1], best[0]
+    s = class_signal(weight_grad, bias_grad)
+    unseen = [int(c) for c in s.argsort(descending=True) if int(c) not in found][:candidates]
+    for extra in combinations_with_replacement(found + unseen, missing):
+        ids = sorted(found + list(extra))
+        if ids == best[1]:
+            continue
+        r = residual(ids)
+        if r < best[0]:
+            best = (r, ids)
+            if r < LABEL_FIT:
+                break
+    return best[1], best[0]

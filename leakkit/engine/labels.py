@@ -43,8 +43,18 @@ def idlg(observation: Observation, task: Task) -> torch.Tensor:
 
 @LABELS.register("batch")
 def batch(observation: Observation, task: Task) -> torch.Tensor:
-    """Infer the batch's labels from the output layer (distinct labels exact, repeats estimated)."""
-    ids = analytic.label_counts(
-        *_classifier_grads(observation, task), observation.batch_size, reduction=observation.reduction
-    )
+    """Infer the batch's labels from the output layer (distinct labels exact, repeats estimated).
+
+    With an output bias, labels the sign rule misses (a present class that other examples predict
+    confidently) are searched by the residual of the output layer's feature solve.
+    """
+    weight_grad, bias_grad = _classifier_grads(observation, task)
+    w_name, b_name = task.classifier_parameter_names()
+    if bias_grad is not None and observation.batch_size > 1 and not observation.extra.get("fedavg"):
+        params = dict(task.parameters())
+        ids, _ = analytic.label_search(
+            weight_grad, bias_grad, params[w_name], params[b_name], observation.batch_size, reduction=observation.reduction
+        )
+    else:
+        ids = analytic.label_counts(weight_grad, bias_grad, observation.batch_size, reduction=observation.reduction)
     return torch.nn.functional.one_hot(torch.tensor(ids), task.num_classes).double()
