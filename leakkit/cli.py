@@ -395,7 +395,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
         write_report(out)
     if not args.quiet:
         _print_audit(console, summary, out)
+        _utility_hint(console, spec)
     return 0
+
+
+def _utility_hint(console: Any, spec: Any) -> None:
+    """Say why an audit has no utility column when the user did not turn it off."""
+    from leakkit.audit.utility import utility_available
+
+    if not spec.utility:
+        return
+    recipe = spec.resolve(spec.recipe)
+    if utility_available(recipe):
+        return
+    why = ("a text classifier's utility needs labelled sentences: utility.data=FILE.tsv"
+           if recipe.task.name == "sequence-classification" else f"no utility measure for task {recipe.task.name}")
+    console.print(f"utility not measured ({why})")
 
 
 class _audit_progress:

@@ -107,6 +107,9 @@ def load_pretrained(model: str, *, head: str, num_labels: int = 2) -> tuple[nn.M
         raise ConfigError(
             f"model {model!r} is a {config.model_type!r} model, not a BERT-style encoder; supported: {', '.join(sorted(ENCODER_TYPES))}"
         )
+    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if head == "sequence-classification" and trained_head and config.num_labels != num_labels:
+        raise ConfigError(f"{model!r} has a trained {config.num_labels}-class head: set task.num_classes={config.num_labels}")
     builder = AutoModelForMaskedLM if head == "masked-lm" else AutoModelForSequenceClassification
     extra = {"num_labels": num_labels} if head == "sequence-classification" else {}
     try:

@@ -385,3 +385,41 @@ def test_soft_token_space_reproduces_the_lookup_gradient_of_the_word_embeddings(
     w = task.word_embedding_name()
     assert torch.allclose(got[w], want[w], atol=1e-6)
     assert int((got[w].norm(dim=1) > 0).sum()) == len(tokens)
+
+
+def test_text_utility_trains_the_classifier_under_the_defense(cls_dir: Path, tmp_path: Path) -> None:
+    # real sentences with a label the tiny model can learn in a few steps (does the sentence hold "the"?):
+    # trained on clean updates it is learned; updates drowned in noise teach nothing
+    from leakkit.audit.utility import measure_utility, utility_available
+    from leakkit.run.config import load_recipe
+
+    data = tmp_path / "labelled.tsv"
+    data.write_text("".join(f"{s}\t{int(' the ' in f' {s} ')}\n" for s in cola(400, 50)), encoding="utf-8")
+
+    def accuracy(defense: str) -> float:
+        recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "task.num_classes=2", f"model={cls_dir}", f"utility.data={data}",
+                                            "utility.steps=80", "utility.lr=3e-3", f"defense={defense}"])
+        recipe.validate()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = measure_utility(recipe, seed=0)
+        n = 400 - out["left_out"]["too_long"]
+        assert out["dataset"].endswith(f"({n - n // 4} train / {n // 4} test)"), out
+        return out["accuracy"]
+
+    clean, drowned = accuracy("none"), accuracy("noise:std=10")
+    assert clean >= 0.85 and drowned <= clean - 0.15, (clean, drowned)
+    assert not utility_available(load_recipe("bert-exact", ["task.name=sequence-classification"]))
+    assert not utility_available(load_recipe("bert-exact"))  # masked LM: no utility measure
+
+
+def test_audit_without_utility_data_says_why_and_a_missing_file_is_one_line(cls_dir: Path, tmp_path: Path) -> None:
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("the cat sat on the mat\n", encoding="utf-8")
+    base = ["audit", "bert-exact", "task.name=sequence-classification", "task.num_classes=2", f"model={cls_dir}", "--input", str(sentences), "--no-report"]
+    proc = run_cli(*base, "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr
+    assert "utility.data=FILE.tsv" in proc.stdout
+    assert_one_line_error(run_cli(*base, f"utility.data={tmp_path / 'nowhere.tsv'}", "--out", str(tmp_path / "b")), "no such file")
+    # a trained 2-class head and the recipe's class count disagree: one line that says which to set
+    assert_one_line_error(run_cli(*base[:3], "task.num_classes=5", *base[4:], "--out", str(tmp_path / "c")), "task.num_classes=2")

@@ -183,12 +183,14 @@ def _slug(text: str) -> str:
 
 
 def _utility_key(recipe: Recipe) -> str | None:
-    from leakkit.audit.utility import UTILITY
+    from leakkit.audit.utility import utility_available
 
-    if recipe.task.name not in UTILITY:
+    if not utility_available(recipe):
         return None
-    t = recipe.task
-    return _slug(f"{t.name} {t.model} {t.image_size} {t.channels} {recipe.defense}")
+    t, u = recipe.task, recipe.utility
+    if u.data and not Path(u.data).is_file():
+        raise InputError(f"utility.data {u.data}: no such file")
+    return _slug(f"{t.name} {t.model} {t.image_size} {t.channels} {','.join(t.frozen)} {u.data} {u.steps} {u.batch} {u.lr} {recipe.defense}")
 
 
 # --- running one job (in this process or in a Ray worker) ---------------------------------

@@ -6,13 +6,14 @@ update an attacker sees, so leakage and utility are measured for the same settin
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from leakkit.run.config import Recipe
+from leakkit.run.config import ClientSpec, Recipe
 from leakkit.registry import Registry
 from leakkit.client.dpsgd import PrivateBatch
 from leakkit.client.victim import defend, observe, per_example_gradients
@@ -84,6 +85,88 @@ def digits_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
         "momentum": MOMENTUM,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+TEXT_STEPS = 60
+TEXT_BATCH = 16
+TEXT_LR = 1e-4
+TEXT_EPS = 1e-6  # BERT's own Adam epsilon: coordinates with almost no gradient are not pushed a full step
+TEXT_TEST = 400  # held-out sentences at most; the file's remaining sentences train
+
+
+def text_utility_data(recipe: Recipe) -> str | None:
+    """The labelled sentence file a text classification audit trains on, or None (no utility)."""
+    return recipe.utility.data or None
+
+
+@UTILITY.register(
+    "sequence-classification",
+    description=f"fine-tune the recipe's classifier on the labelled sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}) "
+                f"under the defense; accuracy on up to {TEXT_TEST} held-out sentences of the same file",
+)
+def sentence_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
+    from leakkit.errors import InputError
+    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.text.data import read_input
+
+    path = text_utility_data(recipe)
+    if path is None:
+        raise InputError("text utility needs labelled sentences: utility.data=FILE.tsv")
+    u = recipe.utility
+    steps, size, lr = u.steps or TEXT_STEPS, u.batch or TEXT_BATCH, u.lr or TEXT_LR
+    # the audited model at the audited seed, trained as a FedSGD client: one step per update, no local epochs
+    client_recipe = dataclasses.replace(recipe, client=ClientSpec())
+    task = build_text(recipe, seed=seed)
+    labelled = [s for s in read_input(path) if s.label is not None]
+    # sentences longer than the model takes are left out rather than cut: a cut sentence is other data
+    pool = [s for s in labelled if len(task.tokenizer(s.text)["input_ids"]) <= task.max_length]
+    if len(pool) < 2 * size:
+        raise InputError(f"utility.data {path}: {len(pool)} labelled sentences that fit the model; at least {2 * size} are needed")
+    order = np.random.default_rng(seed).permutation(len(pool))
+    n_test = min(TEXT_TEST, len(pool) // 4)
+    test, train = [pool[i] for i in order[:n_test]], [pool[i] for i in order[n_test:]]
+    params = dict(task.parameters())
+    opt = torch.optim.Adam(params.values(), lr=lr, eps=TEXT_EPS)
+    rng = np.random.default_rng(seed + 1)
+    started = time.perf_counter()
+
+    def batch() -> Any:
+        return make_text_batch(task, [train[i] for i in rng.choice(len(train), size, replace=False)], seed=0)
+
+    for step in range(steps):
+        update = client_update(task, batch(), client_recipe, seed=seed, batch_index=step, other_batches=lambda k: [batch() for _ in range(k)])
+        opt.zero_grad(set_to_none=True)
+        for n, p in params.items():
+            if n in update.gradients:  # frozen parameters are not shared, so the server cannot train them
+                p.grad = update.gradients[n].to(p)
+        opt.step()
+    correct = 0
+    task.model.eval()
+    with torch.no_grad():
+        for k in range(0, len(test), 64):
+            chunk = test[k : k + 64]
+            b = make_text_batch(task, chunk, seed=0)
+            logits = task.model(input_ids=b.input_ids, attention_mask=b.layout.attention_mask()).logits
+            correct += int((logits.argmax(-1) == b.labels).sum())
+    return {
+        "accuracy": correct / len(test),
+        "dataset": f"{path} ({len(train)} train / {len(test)} test)",
+        "left_out": {"unlabelled": sum(1 for s in read_input(path) if s.label is None), "too_long": len(labelled) - len(pool)},
+        "model": recipe.task.model,
+        "defense": recipe.defense,
+        "steps": steps,
+        "batch": size,
+        "lr": lr,
+        "optimizer": f"Adam (eps {TEXT_EPS})",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def utility_available(recipe: Recipe) -> bool:
+    """Whether an audit of this recipe can measure utility (a text classifier needs utility.data)."""
+    if recipe.task.name not in UTILITY:
+        return False
+    return recipe.task.name != "sequence-classification" or text_utility_data(recipe) is not None
 
 
 def measure_utility(recipe: Recipe, *, seed: int) -> dict[str, Any]:

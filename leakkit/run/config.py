@@ -89,6 +89,18 @@ class MetricsSpec:
 
 
 @dataclass
+class UtilitySpec:
+    """`[utility]`: what a defense costs, measured by an audit. data is a labelled sentence file
+    (.tsv/.csv, as --input reads it) for text classification (image tasks train on scikit-learn's
+    digits); steps, batch and lr set the brief training (0 = the task's default)."""
+
+    data: str = ""
+    steps: int = 0
+    batch: int = 0
+    lr: float = 0.0
+
+
+@dataclass
 class AttackChoice:
     """`[attack] method`: which attack family runs (a name in `leakkit list attacks`); candidates: the
     bundled recipes whose attacks `auto` tries, in order."""
@@ -111,6 +123,7 @@ class Recipe:
     text: TextAttackSettings = field(default_factory=TextAttackSettings)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
+    utility: UtilitySpec = field(default_factory=UtilitySpec)
     defense: str = "none"
 
     @property
@@ -176,12 +189,15 @@ class Recipe:
             raise ConfigError("client.local_steps must be at least 1 and client.local_batch 0 (all) or positive")
         if not (self.client.local_lr > 0 and math.isfinite(self.client.local_lr)):
             raise ConfigError("client.local_lr must be a positive number")
+        u = self.utility
+        if u.steps < 0 or u.batch < 0 or not (u.lr >= 0 and math.isfinite(u.lr)):
+            raise ConfigError("utility.steps, utility.batch and utility.lr must be 0 (the default) or positive")
         from leakkit.client.defenses import format_chain, parse_chain
 
         self.defense = format_chain(parse_chain(self.defense))
 
 
-SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "text": TextAttackSettings, "metrics": MetricsSpec, "client": ClientSpec}
+SECTIONS = {"task": TaskSpec, "data": DataSpec, "attack": AttackConfig, "text": TextAttackSettings, "metrics": MetricsSpec, "client": ClientSpec, "utility": UtilitySpec}
 TOP_LEVEL = {"description", "citation", "defense"}
 # `[attack]` keys are read by three concerns: the engine, the choice of attack family, the text attacks.
 ATTACK_PARTS = {"attack": AttackConfig, "choice": AttackChoice, "text": TextAttackSettings}
