@@ -76,6 +76,11 @@ class ModalityRun(Protocol):
         ties a capture's update to the data the audit scores it against."""
         ...
 
+    def determinacy(self, task: Task, observation: Observation) -> dict[str, Any] | None:
+        """How far the update determines its batch (attacker-side: the model and the update only), with a
+        `verdict` line when it does not; None if the modality has no such count."""
+        ...
+
     def success_probe(self, task: Task, batch: Any, recipe: Recipe) -> Callable[[torch.Tensor], list[bool]] | None:
         """Per example (in batch order), whether a candidate already meets the success threshold; None if the
         modality has no cheap probe. Called from a step callback: it holds the truth, the attack never sees it."""
@@ -175,6 +180,7 @@ def run_recipe(
     config = {"recipe": recipe.to_dict(), "input": input_path, "samples": len(pool), "input_read": read, "seed": seed, "device": device, **notes}
     rows: list[dict[str, Any]] = []
     attack_notes: list[str] = []
+    determinacy: dict[str, Any] | None = None
     shown = hooks.artifacts()
     if resume:
         rows = _resumable_rows(run, config)
@@ -191,7 +197,7 @@ def run_recipe(
         prov["wall_seconds"] = round(time.perf_counter() - started, 3)
         summary = hooks.summarize(rows, recipe, interrupted=interrupted)
         result = {"recipe": recipe.name, "summary": summary, "samples": rows, "input_read": read, "provenance": prov, **notes,
-                  "attack_notes": attack_notes}
+                  "attack_notes": attack_notes, "determinacy": determinacy}
         run.write_metrics(result)
         shown.write(run, rows)
         return result
@@ -209,6 +215,12 @@ def run_recipe(
                 capture.check_truth(b, hooks.truth(batch))
                 observation, weights = capture.update(b)
                 attacker = _task_at(hooks, recipe, weights, seed=seed, device=device, cache=round_tasks)
+            if determinacy is None:
+                # counted on the first attacked update: batches of one run share shapes, only ranks can differ
+                determinacy = hooks.determinacy(attacker, observation)
+                if determinacy and determinacy.get("verdict"):
+                    attack_notes.append(determinacy["verdict"])
+                    warnings.warn(determinacy["verdict"], stacklevel=2)
             first_success: dict[int, float] = {}
             probe = hooks.success_probe(task, batch, recipe)
             watch = [_success_watch(probe, first_success)] if probe is not None else []

@@ -283,6 +283,9 @@ class TextRun:
     def notes(self, task: TextTask) -> dict[str, Any]:
         return {"notes": task.notes}
 
+    def determinacy(self, task: TextTask, observation: Observation) -> dict[str, Any] | None:
+        return None  # the text attacks report their own span checks
+
     def success_probe(self, task: TextTask, batch: ClientSentences, recipe: Recipe) -> None:
         return None  # candidates are embeddings: scoring them needs a decode per step; the closed-form time is used
 

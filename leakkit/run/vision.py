@@ -279,6 +279,18 @@ class VisionRun:
     def notes(self, task: Task) -> dict[str, Any]:
         return {}
 
+    def determinacy(self, task: Task, observation: Observation) -> dict[str, Any] | None:
+        from leakkit.vision import determinacy
+
+        if observation.extra.get("fedavg"):
+            return None  # a weight difference after several local steps is not one gradient: the count does not apply
+        counts = determinacy.count(task.model, observation.gradients, task.input_shape, observation.batch_size)
+        out: dict[str, Any] = {"batch_size": observation.batch_size, "layers": [c.as_dict() for c in counts],
+                               "verdict": determinacy.verdict(counts, observation.batch_size)}
+        if observation.extra.get("defenses"):
+            out["caveat"] = "a defended update: noise makes every gradient full rank, so these counts are upper bounds"
+        return out
+
     def success_probe(self, task: Task, batch: Batch, recipe: Recipe) -> Callable[[torch.Tensor], list[bool]]:
         truth, threshold = batch.pixels.numpy(), recipe.metrics.success_psnr
 
