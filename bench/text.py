@@ -22,6 +22,7 @@ Rows (name: recipe and overrides):
   cls-frozen-sst2 / -b4       classification with word and position embedding gradients withheld
   dec-frozen-sst2-b4          decoder-exact with the word-embedding gradient withheld (vocabulary scan)
   dec-sst2-b4 / dec-sst2-b16 / dec-rt-b16   decoder-exact (random GPT-2-shaped causal LM), batches of 4 and 16
+  dec-noise-{1e-5,1e-4,3e-4}-b4              decoder-exact, batch 4, Gaussian noise on the update (spans cut at the noise)
 
 Prints a table and writes bench/results/text.json (override with --out).
 """
@@ -68,6 +69,9 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
     "dec-sst2-b4": ("decoder-exact", "sst2", ["data.batch_size=4"], 64),
     "dec-sst2-b16": ("decoder-exact", "sst2", ["data.batch_size=16"], 64),
     "dec-rt-b16": ("decoder-exact", "rt", ["data.batch_size=16"], 64),
+    "dec-noise-1e-5-b4": ("decoder-exact", "sst2", ["data.batch_size=4", "defense=noise:std=1e-5"], 16),
+    "dec-noise-1e-4-b4": ("decoder-exact", "sst2", ["data.batch_size=4", "defense=noise:std=1e-4"], 16),
+    "dec-noise-3e-4-b4": ("decoder-exact", "sst2", ["data.batch_size=4", "defense=noise:std=3e-4"], 16),
 }
 
 

@@ -17,6 +17,8 @@ All functions read only the observation and the attacker's copy of the model.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -36,6 +38,12 @@ ROW_OUTLIER = 8.0
 FIT_TOL = 2e-5
 FIT_SAMPLE = 2048  # word-embedding rows used to fit the tied decoder's span
 LEVERAGE = 0.9  # a sample row above this leverage carries a direction of its own (a token row)
+NOISE_MARGIN = 1.2  # singular values kept above this multiple of the noise's largest one
+# Span checks on a noisy update: with the span cut at the noise's edge, a true input of the random
+# GPT-2-shaped decoder (CoLA, batch 4) lies within 0.03 (first layer) and 0.22 (second layer) of it
+# at noise std 1e-4, a wrong one no closer than 0.34 and 0.41; at 3e-4 they overlap (see bench/text.py).
+NOISY_SPAN_TOL = 0.3
+NOISY_SPAN_SLACK = 3.0
 
 
 class _Stop(Exception):
@@ -43,14 +51,35 @@ class _Stop(Exception):
 
 
 # --- spans ---------------------------------------------------------------------------------
-def row_span(matrix: torch.Tensor, *, rel_tol: float = 1e-6) -> torch.Tensor:
-    """Orthonormal basis [d, r] of the row space of `matrix` [m, d] (singular values above rel_tol * max)."""
+def noise_edge(shape: Sequence[int], noise_std: float) -> float:
+    """Largest singular value expected of an [m, d] matrix of i.i.d. N(0, noise_std^2) entries,
+    sqrt(m) + sqrt(d) times the std (Bai-Yin), with NOISE_MARGIN to spare: directions below it are
+    indistinguishable from the noise."""
+    m, d = shape
+    return NOISE_MARGIN * noise_std * (math.sqrt(m) + math.sqrt(d))
+
+
+def estimate_noise_std(matrix: torch.Tensor) -> float:
+    """Per-entry noise std of a full-rank [m, d] gradient whose signal has low rank, from its smallest
+    singular value: for m > d, i.i.d. noise leaves no singular value below (sqrt(m) - sqrt(d)) times the std."""
+    m, d = matrix.shape
+    if m < d:
+        matrix, (m, d) = matrix.T, (d, m)
+    if m == d:
+        return 0.0
+    s = np.linalg.svd(matrix.double().cpu().numpy(), compute_uv=False)
+    return float(s[-1] / (math.sqrt(m) - math.sqrt(d)))
+
+
+def row_span(matrix: torch.Tensor, *, rel_tol: float = 1e-6, noise_std: float = 0.0) -> torch.Tensor:
+    """Orthonormal basis [d, r] of the row space of `matrix` [m, d]: singular values above rel_tol * max
+    and, for a noisy gradient, above the noise's edge (`noise_edge`)."""
     m = matrix.double()
     if m.abs().max() == 0:
         return torch.zeros(m.shape[1], 0, dtype=torch.float64)
     # numpy's LAPACK: torch's CPU SVD/eigh are an order of magnitude slower on these shapes
     _, s, vh = np.linalg.svd(m.cpu().numpy(), full_matrices=False)
-    r = int((s > rel_tol * s[0]).sum())
+    r = int((s > max(rel_tol * s[0], noise_edge(m.shape, noise_std))).sum())
     return torch.from_numpy(np.ascontiguousarray(vh[:r].T)).to(m.device)
 
 
@@ -62,8 +91,8 @@ def span_residual(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return rest.norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-300)
 
 
-def input_span(observation: Observation, weight_names: Sequence[str], *, rel_tol: float = 1e-6, model: nn.Module | None = None) -> torch.Tensor:
-    """Span of the inputs of the linear layers `weight_names` (all fed the same tensor).
+def stacked_rows(observation: Observation, weight_names: Sequence[str], *, model: nn.Module | None = None) -> torch.Tensor:
+    """The weight gradients of linear layers fed the same tensor, stacked as rows [sum of outputs, d].
 
     Args:
         model: the attacker's model, to orient the gradients of GPT-2's Conv1D layers (weight [in, out]).
@@ -72,7 +101,30 @@ def input_span(observation: Observation, weight_names: Sequence[str], *, rel_tol
         g = observation.gradients[name].double()
         return g.T if model is not None and _is_conv1d(model.get_submodule(name.rpartition(".")[0])) else g
 
-    return row_span(torch.cat([rows(n) for n in weight_names], dim=0), rel_tol=rel_tol)
+    return torch.cat([rows(n) for n in weight_names], dim=0)
+
+
+def input_span(
+    observation: Observation, weight_names: Sequence[str], *, rel_tol: float = 1e-6, model: nn.Module | None = None, noise_std: float = 0.0,
+) -> torch.Tensor:
+    """Span of the inputs of the linear layers `weight_names` (all fed the same tensor); with
+    noise_std, only the directions that stand above the noise (see `row_span`)."""
+    return row_span(stacked_rows(observation, weight_names, model=model), rel_tol=rel_tol, noise_std=noise_std)
+
+
+def noisy_span_tol(observation: Observation, weight_names: Sequence[str], noise_std: float, *, model: nn.Module | None = None) -> float:
+    """Residual a real input may show against a span cut at the noise: the noise tilts each kept
+    direction by about its edge over the direction's singular value (Wedin), so the tolerance is
+    NOISY_SPAN_SLACK times the edge over the median kept singular value, between SPAN_TOL and NOISY_SPAN_TOL."""
+    if noise_std <= 0:
+        return SPAN_TOL
+    M = stacked_rows(observation, weight_names, model=model)
+    s = np.linalg.svd(M.cpu().numpy(), compute_uv=False)
+    edge = noise_edge(M.shape, noise_std)
+    kept = s[s > edge]
+    if not len(kept):
+        return NOISY_SPAN_TOL
+    return float(min(max(NOISY_SPAN_SLACK * edge / np.median(kept), SPAN_TOL), NOISY_SPAN_TOL))
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -252,17 +304,25 @@ def infer_layout(task: Any, observation: Observation) -> Any:
     return TextLayout(lengths=[n] * B)
 
 
-def position_candidates(task: Any, observation: Observation, *, tokens: Sequence[int] | None, n_max: int | None = None, chunk: int = 2048) -> list[list[int]]:
+def position_candidates(
+    task: Any, observation: Observation, *, tokens: Sequence[int] | None, n_max: int | None = None, chunk: int = 2048,
+    noise_std: float = 0.0, tol: float = SPAN_TOL, most: int | None = None,
+) -> list[list[int]]:
     """For each position j, the tokens t whose first-layer input x(t, j) lies in the span the first
     attention layer's gradient reveals. Positions are scanned until one has no candidate.
 
     Args:
         tokens: token ids to test (None: the whole vocabulary, for withheld word-embedding gradients).
         n_max: positions to scan (default: the model's limit).
+        noise_std: the update's noise (the span keeps only directions above it).
+        tol: largest relative residual that passes (under noise, at most `noisy_span_tol`).
+        most: keep at most this many candidates per position, the closest (a noisy update).
     """
     model = task.model
     groups = attention_groups(task)
-    basis = input_span(observation, _weights(groups[0]), model=model)
+    basis = input_span(observation, _weights(groups[0]), model=model, noise_std=noise_std)
+    if noise_std > 0:
+        tol = min(tol, noisy_span_tol(observation, _weights(groups[0]), noise_std, model=model))
     vocab = torch.tensor(tokens if tokens is not None else range(task.embedding_matrix().shape[0]), dtype=torch.long)
     n_max = n_max or task.max_length
     out: list[list[int]] = []
@@ -271,18 +331,19 @@ def position_candidates(task: Any, observation: Observation, *, tokens: Sequence
     dev = next(model.parameters()).device
     while j < n_max:
         width = min(step, n_max - j) + j
-        hits: list[list[int]] = [[] for _ in range(width - j)]
+        hits: list[list[tuple[float, int]]] = [[] for _ in range(width - j)]
         for start in range(0, len(vocab), chunk):
             ids = vocab[start : start + chunk]
             grid = ids[:, None].expand(-1, width).to(dev)
             x = capture_input(model, groups[0][0], input_ids=grid, attention_mask=torch.ones_like(grid))
-            res = span_residual(x[:, j:width], basis.to(dev))  # [chunk, width - j]
+            res = span_residual(x[:, j:width], basis.to(dev)).cpu()  # [chunk, width - j]
             for k in range(width - j):
-                hits[k] += ids[(res[:, k] < SPAN_TOL).cpu()].tolist()
+                keep = res[:, k] < tol
+                hits[k] += zip(res[keep, k].tolist(), ids[keep].tolist())
         for h in hits:
             if not h:
                 return out
-            out.append(sorted(h))
+            out.append(sorted(t for _, t in sorted(h)[:most]))
         j = width
     return out
 

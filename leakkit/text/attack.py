@@ -200,18 +200,24 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
     B = observation.batch_size
     # the span checks need float32 only; the final gradient check runs in float64
     finder = task.sharing(observation).copy_to(dtype=torch.float32, device=device)
-    tokens = dec.candidate_tokens(finder, observation, notes)  # type: ignore[arg-type]
-    limit = dec.position_limit(observation, finder) or finder.max_length  # type: ignore[arg-type]
-    candidates = ta.position_candidates(finder, observation, tokens=tokens, n_max=limit)
+    noise = dec.update_noise(finder, observation, notes)  # type: ignore[arg-type]
+    if noise > 0:
+        # every word-embedding row and position row is non-zero under noise: scan the vocabulary
+        tokens, limit, tol, most = None, finder.max_length, ta.NOISY_SPAN_TOL, 4 * B
+    else:
+        tokens = dec.candidate_tokens(finder, observation, notes)  # type: ignore[arg-type]
+        limit = dec.position_limit(observation, finder) or finder.max_length  # type: ignore[arg-type]
+        tol, most = ta.SPAN_TOL, None
+    candidates = ta.position_candidates(finder, observation, tokens=tokens, n_max=limit, noise_std=noise, tol=tol, most=most)
     if not candidates:
         raise InputError("no token fits the first layer's input span: is this gradient from this model?")
-    found = dec.search(finder, observation, candidates)  # type: ignore[arg-type]
+    found = dec.search(finder, observation, candidates, tol=tol, noise_std=noise)  # type: ignore[arg-type]
     notes += found.notes
     order = sorted(range(len(found.sentences)), key=lambda k: found.residuals[k])
     rows = [found.sentences[k] for k in order]
     if not rows:
         raise InputError("no sentence passed the second layer's span check: the update is from another model, "
-                         "or a defense changed it (the exact decoder search needs an undefended update)")
+                         "or the noise is too large for the span checks")
     _, end = task.boundary_ids()
     options = rows + [p + [end] for p in found.prefixes] if end is not None else rows
     counts = dec.multiplicities(finder, observation, options, B)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ Nothing here reads the client's data: only the update and the attacker's copy of
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,15 +62,16 @@ def candidate_tokens(task: CausalLanguageModeling, observation: Observation, not
 
 def search(
     task: CausalLanguageModeling, observation: Observation, candidates: list[list[int]], *,
-    tol: float = ta.SPAN_TOL, max_alive: int = 4096,
+    tol: float = ta.SPAN_TOL, max_alive: int = 4096, noise_std: float = 0.0,
 ) -> PrefixSearch:
     """Grow prefixes left to right, keeping those whose newest position passes the second layer's span check.
 
     Args:
         task: the attacker's copy of the decoder (any dtype; float32 is enough for the check).
         candidates: per position, the tokens allowed there (from the first layer).
-        tol: largest relative span residual that passes (SPAN_TOL for a clean update).
+        tol: largest relative span residual that passes (SPAN_TOL for a clean update; under noise at most `ta.noisy_span_tol`).
         max_alive: most prefixes kept per position; the lowest residuals win when more pass (noisy updates).
+        noise_std: the update's per-entry noise: the span keeps only the directions above it.
     Returns:
         The complete sentences: prefixes no candidate extends, with the end token appended. A
         sentence's last token is only ever predicted, never read, so no span shows it; without an
@@ -80,15 +82,20 @@ def search(
         raise ConfigError("the decoder search needs the second attention layer's gradient")
     model = task.model
     dev = next(model.parameters()).device
-    basis = ta.input_span(observation, ta._weights(groups[1]), model=model).to(device=dev, dtype=next(model.parameters()).dtype)
+    basis = second_layer_span(task, observation, noise_std).to(device=dev, dtype=next(model.parameters()).dtype)
+    if noise_std > 0:
+        tol = min(tol, ta.noisy_span_tol(observation, ta._weights(groups[1]), noise_std, model=model))
+        out_tol = f"second layer: span residuals below {tol:.3g} pass"
+    else:
+        out_tol = ""
     if basis.shape[1] >= basis.shape[0] - 1:
         # every vector lies in a full-rank span: the check would pass everything and the search explode
         raise InputError(
-            f"the second attention layer's gradient has full rank ({basis.shape[1]} of {basis.shape[0]}): a defense added "
-            "noise, or the batch holds more tokens than the model is wide; the exact decoder search cannot split it"
+            f"the second attention layer's gradient has full rank ({basis.shape[1]} of {basis.shape[0]}) above the noise: "
+            "the batch holds more tokens than the model is wide, or the noise is larger than recorded"
         )
     _, end = task.boundary_ids()
-    out = PrefixSearch(sentences=[], residuals=[])
+    out = PrefixSearch(sentences=[], residuals=[], notes=[out_tol] if out_tol else [])
     # (prefix, its worst residual so far, the first layer's keys and values for it [heads, j, head_dim])
     alive: list[tuple[list[int], float, Any]] = [([], 0.0, None)]
     for j, allowed in enumerate(candidates):
@@ -201,6 +208,34 @@ def _newest_inputs(model: torch.nn.Module, module: str, parents: list[tuple[list
     return x[:, -1], [(layer.keys[i], layer.values[i]) for i in range(n)]
 
 
+def second_layer_span(task: CausalLanguageModeling, observation: Observation, noise_std: float = 0.0) -> torch.Tensor:
+    """Orthonormal basis [d, r] of the second attention layer's inputs (above the noise)."""
+    groups = ta.attention_groups(task)
+    return ta.input_span(observation, ta._weights(groups[1]), model=task.model, noise_std=noise_std)
+
+
+def update_noise(task: CausalLanguageModeling, observation: Observation, notes: list[str]) -> float:
+    """Per-entry noise std of the update: from its metadata (the recorded defenses), else estimated
+    from the second attention layer's gradient when that is full rank (a clean one has low rank)."""
+    from leakkit.client.defenses import noise_variance
+
+    recorded = math.sqrt(noise_variance(observation))
+    if recorded > 0:
+        notes.append(f"noise std {recorded:.3g} from the update's metadata: spans keep the directions above it, "
+                     f"candidates within {ta.NOISY_SPAN_TOL} of them pass, the closest first")
+        return recorded
+    groups = ta.attention_groups(task)
+    if len(groups) < 2 or not ta.group_available(observation, groups[1]):
+        return 0.0
+    M = ta.stacked_rows(observation, ta._weights(groups[1]), model=task.model)
+    s = torch.linalg.svdvals(M)
+    if s[-1] <= s[0] * 1e-5:
+        return 0.0
+    estimated = ta.estimate_noise_std(M)
+    notes.append(f"the second attention layer's gradient is full rank: noise std estimated from the update as {estimated:.3g}")
+    return estimated
+
+
 def position_limit(observation: Observation, task: CausalLanguageModeling) -> int | None:
     """Sequence length read off the position-embedding gradient when it is shared."""
     name = task.position_embedding_name()
@@ -210,4 +245,4 @@ def position_limit(observation: Observation, task: CausalLanguageModeling) -> in
     return None
 
 
-__all__ = ["PrefixSearch", "candidate_tokens", "search", "multiplicities", "position_limit"]
+__all__ = ["PrefixSearch", "candidate_tokens", "search", "multiplicities", "position_limit", "update_noise"]
