@@ -194,6 +194,9 @@ def exact(
     )
 
 
+NOISY_BEAM = 64  # prefixes kept per position and sentence of the batch when the update is noisy
+
+
 def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, device: str, started: float) -> TextRecovery:
     """DAGER's decoder search (leakkit.text.decoder), then the batch's gradient recomputed in float64."""
     notes: list[str] = []
@@ -211,7 +214,8 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
     candidates = ta.position_candidates(finder, observation, tokens=tokens, n_max=limit, noise_std=noise, tol=tol, most=most)
     if not candidates:
         raise InputError("no token fits the first layer's input span: is this gradient from this model?")
-    found = dec.search(finder, observation, candidates, tol=tol, noise_std=noise)  # type: ignore[arg-type]
+    # under noise many more prefixes pass; a bounded beam keeps memory and time in check
+    found = dec.search(finder, observation, candidates, tol=tol, noise_std=noise, max_alive=NOISY_BEAM * B if noise > 0 else 4096)  # type: ignore[arg-type]
     notes += found.notes
     order = sorted(range(len(found.sentences)), key=lambda k: found.residuals[k])
     rows = [found.sentences[k] for k in order]

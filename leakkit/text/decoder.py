@@ -107,8 +107,10 @@ def search(
         for start in range(0, len(trials), CHUNK):
             part = trials[start : start + CHUNK]
             x, caches = _newest_inputs(model, groups[1][0], [alive[k] for k, _ in part], [t for _, t in part], dev)
-            residual[start : start + len(part)] = ta.span_residual(x, basis).cpu()
-            kv[start : start + len(part)] = caches
+            r = ta.span_residual(x, basis).cpu()
+            residual[start : start + len(part)] = r
+            # only prefixes that pass keep their keys and values: a noisy search tries many more than pass
+            kv[start : start + len(part)] = [c if float(r[i]) < tol else None for i, c in enumerate(caches)]
         out.checked += len(trials)
         out.positions = j + 1
         passed = sorted((float(residual[i]), i) for i in range(len(trials)) if residual[i] < tol)
