@@ -109,6 +109,12 @@ class Observation:
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"malformed leakkit metadata in {path}: {e}") from None
 
+    @property
+    def local_steps(self) -> int:
+        """Client SGD steps behind the update: 1 for a gradient (FedSGD), K for a FedAvg weight difference."""
+        fedavg = self.extra.get("fedavg")
+        return int(fedavg.get("local_steps", 1)) if isinstance(fedavg, dict) else 1
+
     def upcast(self) -> "Observation":
         """This observation with half-precision tensors (an fp16/bf16 defense) widened to float32."""
         if all(t.dtype not in (torch.float16, torch.bfloat16) for t in self.gradients.values()):

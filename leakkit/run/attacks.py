@@ -120,7 +120,7 @@ def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (
     started = time.perf_counter()
     best, tried = None, []
     for name in recipe.choice.candidates:
-        member = recipe.attacked_as(name)
+        member = recipe.attacked_as(name, batch_size=observation.batch_size, local_steps=observation.local_steps)
         # auto's own budget caps every candidate's, so one override bounds the whole search
         member.attack.steps = min(member.attack.steps, recipe.attack.steps)
         member.attack.restarts = min(member.attack.restarts, recipe.attack.restarts)

@@ -169,6 +169,8 @@ def run_recipe(
     """
     check_device(device)
     recipe.validate()
+    # the recipe's [batch] settings for updates of several examples, listed in config.json as `adapted`
+    recipe = recipe.for_batch(recipe.data.batch_size)
     hooks = hooks_for(recipe)
     pool = hooks.load_samples(recipe, input_path=input_path, samples=samples, seed=seed)
     task = hooks.build_task(recipe, seed=seed, device=device)
@@ -366,6 +368,7 @@ def attack_only(
         {"recipe", "recovery" (what was recovered, the gradient distance, status, seconds), "provenance"}.
     """
     check_device(device)
+    recipe = recipe.for_batch(observation.batch_size, local_steps=observation.local_steps)
     hooks = hooks_for(recipe)
     task = hooks.build_task(recipe, seed=seed)
     run = RunDir(out)
