@@ -74,19 +74,21 @@ def test_valid_keys_cover_every_section():
     assert "attack.objective" in keys and "data.batch_size" in keys and "metrics.success_psnr" in keys
 
 
-def test_batch_table_adapts_the_attack_above_one_example_and_says_so(tmp_path):
+def test_underdetermined_table_adapts_the_attack_and_says_so(tmp_path):
     import json
 
     from leakkit.run.runner import run_recipe
 
-    assert load_recipe("dlg").for_batch(1).adapted == {}
-    adapted = load_recipe("dlg", ["attack.steps=7", "attack.priors.tv=0.5"]).for_batch(4)
+    assert load_recipe("dlg").adapted_to(1).adapted == {}
+    # one example the layers do not determine (a 64 px LeNet) is adapted too
+    assert load_recipe("dlg").adapted_to(1, determined=False).attack.labels == "batch"
+    adapted = load_recipe("dlg", ["attack.steps=7", "attack.priors.tv=0.5"]).adapted_to(4)
     assert (adapted.attack.labels, adapted.attack.feature_weight, adapted.attack.init) == ("batch", 1.0, "mid")
     # the user's own overrides win over the table
     assert adapted.attack.steps == 7 and adapted.attack.priors == {"tv": 0.5}
     assert "attack.steps" not in adapted.adapted and adapted.adapted["attack.labels"] == "batch"
     # feature targets need one gradient: a FedAvg update keeps the recipe's (off)
-    assert load_recipe("dlg").for_batch(4, local_steps=2).attack.feature_weight == 0.0
+    assert load_recipe("dlg").adapted_to(4, local_steps=2).attack.feature_weight == 0.0
     recipe = load_recipe("dlg", ["task.image_size=16", "task.num_classes=10", "data.batch_size=2", "attack.steps=2"])
     assert recipe.attack.labels == "soft"  # the recipe itself is unchanged; runs adapt it
     run_recipe(recipe, out=tmp_path / "run", samples=2, seed=0)
@@ -94,8 +96,20 @@ def test_batch_table_adapts_the_attack_above_one_example_and_says_so(tmp_path):
     assert config["recipe"]["adapted"]["attack.labels"] == "batch" and config["recipe"]["attack"]["labels"] == "batch"
 
 
-def test_batch_table_rejects_keys_that_are_not_attack_settings(tmp_path):
+def test_underdetermined_table_rejects_keys_that_are_not_attack_settings(tmp_path):
     f = tmp_path / "r.toml"
-    f.write_text('[task]\nimage_size = 16\n[batch]\nlabels = "batch"\nbatch_size = 4\n')
-    with pytest.raises(ConfigError, match=r"\[batch\].*batch_size"):
+    f.write_text('[task]\nimage_size = 16\n[underdetermined]\nlabels = "batch"\nbatch_size = 4\n')
+    with pytest.raises(ConfigError, match=r"\[underdetermined\].*batch_size"):
         load_recipe(str(f))
+
+
+def test_generic_determinacy_tells_batches_and_large_images_apart():
+    import torch
+
+    from leakkit.tasks import ImageClassification
+    from leakkit.vision.determinacy import determined_in_general
+
+    torch.manual_seed(0)
+    small = ImageClassification.from_name("lenet", num_classes=100, image_size=32)
+    assert determined_in_general(small, 1) and not determined_in_general(small, 4)
+    assert not determined_in_general(ImageClassification.from_name("lenet", num_classes=100, image_size=64), 1)

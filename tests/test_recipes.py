@@ -60,7 +60,7 @@ def test_auto_skips_attacks_that_do_not_apply_and_names_the_winner(tmp_path):
     recipe = load_recipe("auto", ["task.image_size=16", "task.num_classes=10", "data.batch_size=2",
                                   "attack.candidates=rgap,idlg", "attack.steps=20", "attack.restarts=1"])
     result = run_recipe(recipe, out=tmp_path, samples=2, seed=0)
-    # R-GAP inverts one example only; iDLG's [batch] table swaps its single-label rule for the batch's labels
+    # R-GAP inverts one example only; iDLG's [underdetermined] table swaps its single-label rule for the batch's labels
     assert [r["attack"] for r in result["samples"]] == ["idlg", "idlg"]
     assert all(r["method"] == "auto" and r["psnr"] is not None for r in result["samples"])
 

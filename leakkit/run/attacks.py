@@ -117,10 +117,14 @@ def _rgap_images(task: Any, observation: Any, recipe: Any, **options: Any) -> An
                  description="the strongest of several attacks per batch: runs each candidate recipe's attack "
                              "and keeps the recovery with the lowest gradient distance (never the truth)")
 def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (), **options: Any) -> Any:
+    from leakkit.vision.determinacy import determined_in_general
+
     started = time.perf_counter()
     best, tried = None, []
+    determined = determined_in_general(task, observation.batch_size)
     for name in recipe.choice.candidates:
-        member = recipe.attacked_as(name, batch_size=observation.batch_size, local_steps=observation.local_steps)
+        member = recipe.attacked_as(name, batch_size=observation.batch_size, local_steps=observation.local_steps,
+                                    determined=determined)
         # auto's own budget caps every candidate's, so one override bounds the whole search
         member.attack.steps = min(member.attack.steps, recipe.attack.steps)
         member.attack.restarts = min(member.attack.restarts, recipe.attack.restarts)

@@ -126,11 +126,12 @@ class Recipe:
     client: ClientSpec = field(default_factory=ClientSpec)
     utility: UtilitySpec = field(default_factory=UtilitySpec)
     defense: str = "none"
-    # `[batch]`: `attack.*` settings for updates of more than one example (raw values as the file writes them)
-    batch: dict[str, Any] = field(default_factory=dict)
-    # `attack.*` keys the user set by override: a `[batch]` table never replaces them
+    # `[underdetermined]`: `attack.*` settings for updates that do not determine their inputs on their own
+    # (more than one example, or larger inputs than the layers pin down); raw values as the file writes them
+    underdetermined: dict[str, Any] = field(default_factory=dict)
+    # `attack.*` keys the user set by override: an `[underdetermined]` table never replaces them
     explicit: set[str] = field(default_factory=set, repr=False, compare=False)
-    # what `for_batch` changed: `attack.KEY` -> value, written into config.json
+    # what `adapted_to` changed: `attack.KEY` -> value, written into config.json
     adapted: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,47 +139,51 @@ class Recipe:
         """The attack family this recipe runs."""
         return self.choice.method
 
-    def attacked_as(self, name: str, *, batch_size: int | None = None, local_steps: int | None = None) -> "Recipe":
+    def attacked_as(self, name: str, *, batch_size: int | None = None, local_steps: int | None = None,
+                    determined: bool = True) -> "Recipe":
         """This setting (task, data, client, defense, metrics) attacked as the bundled recipe `name`
-        attacks updates of `batch_size` examples after `local_steps` client steps (defaults: this setting's)."""
-        other = load_recipe(name).for_batch(self.data.batch_size if batch_size is None else batch_size,
-                                            local_steps=self.client.local_steps if local_steps is None else local_steps)
+        attacks updates of `batch_size` examples after `local_steps` client steps (defaults: this setting's),
+        adapted as `adapted_to` does."""
+        other = load_recipe(name).adapted_to(self.data.batch_size if batch_size is None else batch_size,
+                                             local_steps=self.client.local_steps if local_steps is None else local_steps,
+                                             determined=determined)
         return dataclasses.replace(self, name=name, attack=other.attack, choice=other.choice, text=other.text,
-                                   batch=other.batch, adapted=other.adapted)
+                                   underdetermined=other.underdetermined, adapted=other.adapted)
 
-    def for_batch(self, batch_size: int, *, local_steps: int | None = None) -> "Recipe":
+    def adapted_to(self, batch_size: int, *, local_steps: int | None = None, determined: bool = True) -> "Recipe":
         """This recipe as it attacks an update of `batch_size` examples.
 
-        Above one example, the `[batch]` table's `attack.*` settings replace the recipe's, except keys the
-        user overrode; what changed is listed in `adapted` (and so in config.json). Feature targets need a
-        single gradient, so a FedAvg update (local_steps > 1) keeps the recipe's feature_weight.
-        Returns a copy; this recipe is unchanged.
+        Above one example, or where the update does not determine one example's input layer by layer
+        (`determined` false: R-GAP's count, `leakkit.vision.determinacy`), the `[underdetermined]` table's
+        `attack.*` settings replace the recipe's, except keys the user overrode; what changed is listed in
+        `adapted` (and so in config.json). Feature targets need a single gradient, so a FedAvg update
+        (local_steps > 1) keeps the recipe's feature_weight. Returns a copy; this recipe is unchanged.
         """
         out = copy.deepcopy(self)
         out.adapted = {}
-        if batch_size <= 1 or not self.batch:
+        if (batch_size <= 1 and determined) or not self.underdetermined:
             return out
         steps = self.client.local_steps if local_steps is None else local_steps
-        for key, value in self.batch.items():
+        for key, value in self.underdetermined.items():
             if f"attack.{key}" in self.explicit or (key == "feature_weight" and steps > 1):
                 continue
             if key == "priors":
                 priors = {k: v for k, v in value.items() if f"attack.priors.{k}" not in self.explicit}
-                _set(_section_of(out, "attack", key), "batch", key, {**out.attack.priors, **priors}, from_text=False)
+                _set(_section_of(out, "attack", key), "underdetermined", key, {**out.attack.priors, **priors}, from_text=False)
                 out.adapted["attack.priors"] = dict(out.attack.priors)
                 continue
-            _set(_section_of(out, "attack", key), "batch", key, value, from_text=False)
+            _set(_section_of(out, "attack", key), "underdetermined", key, value, from_text=False)
             out.adapted[f"attack.{key}"] = value
         out.validate()
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as a recipe file spells it: every `[attack]` key in one table (`adapted`: what `for_batch` changed)."""
+        """The recipe as a recipe file spells it: every `[attack]` key in one table (`adapted`: what `adapted_to` changed)."""
         out = dataclasses.asdict(self)
         out.pop("explicit")
         adapted = out.pop("adapted")
-        if not out["batch"]:
-            out.pop("batch")
+        if not out["underdetermined"]:
+            out.pop("underdetermined")
         attack = {**out.pop("attack"), **out.pop("choice"), **out.pop("text")}
         return {**out, "attack": attack, **({"adapted": adapted} if adapted else {})}
 
@@ -204,9 +209,9 @@ class Recipe:
             wrong = [c for c in self.choice.candidates if c not in known or c == self.name]
             if not self.choice.candidates or wrong:
                 raise ConfigError(f"attack.candidates must name bundled recipes other than this one; got {', '.join(wrong) or 'none'}")
-        unknown = [k for k in self.batch if k not in {f.name for f in dataclasses.fields(AttackConfig)}]
+        unknown = [k for k in self.underdetermined if k not in {f.name for f in dataclasses.fields(AttackConfig)}]
         if unknown:
-            raise ConfigError(f"[batch] sets attack settings for batches; unknown key(s) {', '.join(unknown)}")
+            raise ConfigError(f"[underdetermined] holds attack settings; unknown key(s) {', '.join(unknown)}")
         if self.data.batch_size < 1:
             raise ConfigError("data.batch_size must be at least 1")
         if self.data.samples < 1:
@@ -283,9 +288,9 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
 
 
 def _from_dict(name: str, raw: dict[str, Any], *, where: str) -> Recipe:
-    unknown = set(raw) - set(SECTIONS) - TOP_LEVEL - {"batch"}
+    unknown = set(raw) - set(SECTIONS) - TOP_LEVEL - {"underdetermined"}
     if unknown:
-        valid = ", ".join(sorted(set(SECTIONS) | TOP_LEVEL | {"batch"}))
+        valid = ", ".join(sorted(set(SECTIONS) | TOP_LEVEL | {"underdetermined"}))
         raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {valid}")
     recipe = Recipe(name=name, description=str(raw.get("description", "")), citation=str(raw.get("citation", "")))
     defense = raw.get("defense", "none")
@@ -299,10 +304,10 @@ def _from_dict(name: str, raw: dict[str, Any], *, where: str) -> Recipe:
     for section, table in raw.items():
         if section in TOP_LEVEL:
             continue
-        if section == "batch":
+        if section == "underdetermined":
             if not isinstance(table, dict):
-                raise ConfigError(f"{where}: [batch] must be a table")
-            recipe.batch = dict(table)
+                raise ConfigError(f"{where}: [underdetermined] must be a table")
+            recipe.underdetermined = dict(table)
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: [{section}] must be a table")

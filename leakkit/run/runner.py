@@ -76,6 +76,10 @@ class ModalityRun(Protocol):
         ties a capture's update to the data the audit scores it against."""
         ...
 
+    def determined(self, task: Task, batch_size: int) -> bool:
+        """Whether updates of `batch_size` examples determine their inputs in general (picks `[underdetermined]`)."""
+        ...
+
     def determinacy(self, task: Task, observation: Observation) -> dict[str, Any] | None:
         """How far the update determines its batch (attacker-side: the model and the update only), with a
         `verdict` line when it does not; None if the modality has no such count."""
@@ -169,11 +173,11 @@ def run_recipe(
     """
     check_device(device)
     recipe.validate()
-    # the recipe's [batch] settings for updates of several examples, listed in config.json as `adapted`
-    recipe = recipe.for_batch(recipe.data.batch_size)
     hooks = hooks_for(recipe)
     pool = hooks.load_samples(recipe, input_path=input_path, samples=samples, seed=seed)
     task = hooks.build_task(recipe, seed=seed, device=device)
+    # the recipe's [underdetermined] settings where the update cannot pin the inputs down (config.json: `adapted`)
+    recipe = recipe.adapted_to(recipe.data.batch_size, determined=hooks.determined(task, recipe.data.batch_size))
     batches = hooks.make_batches(task, recipe, pool, seed=seed)
     run = RunDir(out, resume=resume)
     prov = provenance(seed=seed, device=device)
@@ -368,9 +372,10 @@ def attack_only(
         {"recipe", "recovery" (what was recovered, the gradient distance, status, seconds), "provenance"}.
     """
     check_device(device)
-    recipe = recipe.for_batch(observation.batch_size, local_steps=observation.local_steps)
     hooks = hooks_for(recipe)
     task = hooks.build_task(recipe, seed=seed)
+    recipe = recipe.adapted_to(observation.batch_size, local_steps=observation.local_steps,
+                               determined=hooks.determined(task, observation.batch_size))
     run = RunDir(out)
     run.write_config({"recipe": recipe.to_dict(), "seed": seed, "device": device, "observation": observation.metadata()})
     if progress is not None:

@@ -283,6 +283,9 @@ class TextRun:
     def notes(self, task: TextTask) -> dict[str, Any]:
         return {"notes": task.notes}
 
+    def determined(self, task: TextTask, batch_size: int) -> bool:
+        return True  # no text recipe has [underdetermined] settings: the text attacks size their own searches
+
     def determinacy(self, task: TextTask, observation: Observation) -> dict[str, Any] | None:
         return None  # the text attacks report their own span checks
 

@@ -279,6 +279,11 @@ class VisionRun:
     def notes(self, task: Task) -> dict[str, Any]:
         return {}
 
+    def determined(self, task: Task, batch_size: int) -> bool:
+        from leakkit.vision.determinacy import determined_in_general
+
+        return determined_in_general(task, batch_size)
+
     def determinacy(self, task: Task, observation: Observation) -> dict[str, Any] | None:
         from leakkit.vision import determinacy
 

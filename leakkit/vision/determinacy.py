@@ -108,3 +108,20 @@ def verdict(counts: Sequence[LayerCount], batch_size: int) -> str | None:
     return (f"the gradient does not determine this batch of {batch_size} layer by layer: layer {short.name!r} has "
             f"{short.equations:,} equations for {short.unknowns:,} unknowns (R-GAP's count; 'determinacy' in metrics.json); "
             "image priors, not the update, decide what comes back below it")
+
+
+def determined_in_general(task: Any, batch_size: int, *, seed: int = 0) -> bool:
+    """Whether an update of `batch_size` examples determines its inputs at every layer, in general.
+
+    The count of `count` on the gradient of random inputs with distinct labels (the attacker's own
+    draw, never the client's data): the ranks a generic update has. A recipe's `[underdetermined]`
+    settings are chosen from this before any update is seen.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = task.from_pixels(torch.rand((batch_size, *task.input_shape), generator=gen, dtype=torch.float64)).float()
+    labels = torch.nn.functional.one_hot(torch.arange(batch_size) % task.num_classes, task.num_classes).float()
+    names = [n for n, _ in task.matched_parameters()]
+    with torch.enable_grad():
+        grads = task.gradients(x, labels, reduction="mean", matched=True)
+    counts = count(task.model, dict(zip(names, grads)), task.input_shape, batch_size)
+    return all(c.determined for c in counts)
