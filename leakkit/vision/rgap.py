@@ -359,7 +359,8 @@ def _condition_spd(matrix: torch.Tensor, factor: Any, iterations: int = 15) -> f
 
 
 def _solve_layer(
-    step: _Step, z: torch.Tensor, known: torch.Tensor, dz: torch.Tensor, weight_grad: torch.Tensor, *, exact_rank: bool
+    step: _Step, z: torch.Tensor, known: torch.Tensor, dz: torch.Tensor, weight_grad: torch.Tensor, *, exact_rank: bool,
+    trust: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Any, LayerReport]:
     """Input of one affine layer from its output z (rows `known`), dL/dz and the observed dW.
 
@@ -380,8 +381,12 @@ def _solve_layer(
     n = math.prod(shape)
     A, G, bias = _SYSTEMS[type(step.module)](step.module, shape, dz)
     rows = known.numpy()
+    # a pre-activation read through a flat part of the activation (a saturated sigmoid) carries the
+    # error of the layer above divided by the slope: its forward equation is weighted by the slope
+    w = np.ones(int(known.sum())) if trust is None else (trust[known] / trust[known].max().clamp_min(1e-300)).numpy()
+    forward = sparse.diags(w) @ A[rows]
     blocks, rhs = [], []
-    for M, r in ((A[rows], (z - bias)[known].numpy()), (G, weight_grad.flatten().double().numpy())):
+    for M, r in ((forward, w * (z - bias)[known].numpy()), (G, weight_grad.flatten().double().numpy())):
         if len(r) == 0:
             continue
         # each block scaled to unit RMS right-hand side: forward values and gradients differ by orders of magnitude
@@ -454,6 +459,7 @@ def invert(
     # dL/dh of the output layer's input
     dh = top.module.weight.detach().double().T @ dz
     known: torch.Tensor | None = None  # units of the current h whose pre-activation is determined
+    trust: torch.Tensor | None = None  # how well each unit's pre-activation is known (the activation's slope)
     for step in reversed(steps[:-1]):
         if step.role == "reshape":
             continue
@@ -463,16 +469,17 @@ def invert(
             with torch.enable_grad():
                 slope = torch.autograd.grad(step.module(zg).sum(), zg)[0]
             h, dz = z, dh * slope
+            trust = slope
             continue
         prefix = f"{step.name}." if step.name else ""
         if f"{prefix}weight" not in gradients:
             raise ConfigError(f"rgap needs the gradient of {prefix}weight, which the update does not hold")
         if known is None:  # two affine layers in a row: the output is the pre-activation itself
             known = torch.ones_like(h, dtype=torch.bool)
-        h, A, report = _solve_layer(step, h, known, dz, gradients[f"{prefix}weight"], exact_rank=exact_rank)
+        h, A, report = _solve_layer(step, h, known, dz, gradients[f"{prefix}weight"], exact_rank=exact_rank, trust=trust)
         reports.append(report)
         dh = torch.from_numpy(A.T @ dz.numpy())
-        known = None
+        known, trust = None, None
     return Inversion(inputs=h.view(1, *input_shape), label=label, layers=reports)
 
 
