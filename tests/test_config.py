@@ -81,7 +81,7 @@ def test_underdetermined_table_adapts_the_attack_and_says_so(tmp_path):
 
     assert load_recipe("dlg").adapted_to(1).adapted == {}
     # one example the layers do not determine (a 64 px LeNet) is adapted too
-    assert load_recipe("dlg").adapted_to(1, determined=False).attack.labels == "batch"
+    assert load_recipe("dlg").adapted_to(1, determined=lambda: False).attack.labels == "batch"
     adapted = load_recipe("dlg", ["attack.steps=7", "attack.priors.tv=0.5"]).adapted_to(4)
     assert (adapted.attack.labels, adapted.attack.feature_weight, adapted.attack.init) == ("batch", 1.0, "mid")
     # the user's own overrides win over the table

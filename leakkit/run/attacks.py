@@ -14,6 +14,7 @@ The implementations import their modules when called, so listing attacks stays l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -121,7 +122,9 @@ def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (
 
     started = time.perf_counter()
     best, tried = None, []
-    determined = determined_in_general(task, observation.batch_size)
+    # the count runs once per update, and only if a candidate's table asks for it
+    determined = functools.cache(lambda: determined_in_general(task, observation.batch_size))
+
     for name in recipe.choice.candidates:
         member = recipe.attacked_as(name, batch_size=observation.batch_size, local_steps=observation.local_steps,
                                     determined=determined)

@@ -10,7 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from leakkit.engine.matching import AttackConfig
 from leakkit.errors import ConfigError
@@ -140,7 +140,7 @@ class Recipe:
         return self.choice.method
 
     def attacked_as(self, name: str, *, batch_size: int | None = None, local_steps: int | None = None,
-                    determined: bool = True) -> "Recipe":
+                    determined: Callable[[], bool] | None = None) -> "Recipe":
         """This setting (task, data, client, defense, metrics) attacked as the bundled recipe `name`
         attacks updates of `batch_size` examples after `local_steps` client steps (defaults: this setting's),
         adapted as `adapted_to` does."""
@@ -150,18 +150,20 @@ class Recipe:
         return dataclasses.replace(self, name=name, attack=other.attack, choice=other.choice, text=other.text,
                                    underdetermined=other.underdetermined, adapted=other.adapted)
 
-    def adapted_to(self, batch_size: int, *, local_steps: int | None = None, determined: bool = True) -> "Recipe":
+    def adapted_to(self, batch_size: int, *, local_steps: int | None = None,
+                   determined: Callable[[], bool] | None = None) -> "Recipe":
         """This recipe as it attacks an update of `batch_size` examples.
 
         Above one example, or where the update does not determine one example's input layer by layer
-        (`determined` false: R-GAP's count, `leakkit.vision.determinacy`), the `[underdetermined]` table's
+        (`determined()` false: R-GAP's count, `leakkit.vision.determinacy`; called only for a recipe with
+        a table at batch size 1, since it costs a forward and backward pass; None: determined), the `[underdetermined]` table's
         `attack.*` settings replace the recipe's, except keys the user overrode; what changed is listed in
         `adapted` (and so in config.json). Feature targets need a single gradient, so a FedAvg update
         (local_steps > 1) keeps the recipe's feature_weight. Returns a copy; this recipe is unchanged.
         """
         out = copy.deepcopy(self)
         out.adapted = {}
-        if (batch_size <= 1 and determined) or not self.underdetermined:
+        if not self.underdetermined or (batch_size <= 1 and (determined is None or determined())):
             return out
         steps = self.client.local_steps if local_steps is None else local_steps
         for key, value in self.underdetermined.items():

@@ -177,7 +177,7 @@ def run_recipe(
     pool = hooks.load_samples(recipe, input_path=input_path, samples=samples, seed=seed)
     task = hooks.build_task(recipe, seed=seed, device=device)
     # the recipe's [underdetermined] settings where the update cannot pin the inputs down (config.json: `adapted`)
-    recipe = recipe.adapted_to(recipe.data.batch_size, determined=hooks.determined(task, recipe.data.batch_size))
+    recipe = recipe.adapted_to(recipe.data.batch_size, determined=lambda: hooks.determined(task, recipe.data.batch_size))
     batches = hooks.make_batches(task, recipe, pool, seed=seed)
     run = RunDir(out, resume=resume)
     prov = provenance(seed=seed, device=device)
@@ -375,7 +375,7 @@ def attack_only(
     hooks = hooks_for(recipe)
     task = hooks.build_task(recipe, seed=seed)
     recipe = recipe.adapted_to(observation.batch_size, local_steps=observation.local_steps,
-                               determined=hooks.determined(task, observation.batch_size))
+                               determined=lambda: hooks.determined(task, observation.batch_size))
     run = RunDir(out)
     run.write_config({"recipe": recipe.to_dict(), "seed": seed, "device": device, "observation": observation.metadata()})
     if progress is not None:
