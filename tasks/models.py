@@ -1,4 +1,5 @@
-"""Built-in image classifiers, all twice differentiable (sigmoid / GELU, no ReLU, no BatchNorm).
+"""Built-in image classifiers: twice differentiable (sigmoid / GELU) apart from the ReLU variants
+kept for the ReLU question (`lenet-relu`, `resnet-relu`); no BatchNorm.
 
 BatchNorm is avoided on purpose: in training mode its statistics couple the examples of a batch,
 which is a different threat model; GroupNorm keeps examples independent.
@@ -62,13 +63,13 @@ class ConvNet(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.norm1 = nn.GroupNorm(min(8, c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = nn.GroupNorm(min(8, c_out), c_out)
-        self.act = nn.GELU()
+        self.act = activation()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(min(8, c_out), c_out))
@@ -79,16 +80,22 @@ class _Block(nn.Module):
 
 
 class ResNetGELU(nn.Module):
-    """A CIFAR-style ResNet (3 stages, `blocks` basic blocks each) with GELU and GroupNorm."""
+    """A CIFAR-style ResNet (3 stages, `blocks` basic blocks each) with GELU and GroupNorm.
 
-    def __init__(self, num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 16, blocks: int = 1) -> None:
+    `activation` exists for the ReLU variant (`resnet-relu`), the network the Inverting Gradients paper attacked.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, channels: int = 3, image_size: int = 32, width: int = 16, blocks: int = 1,
+        activation: type[nn.Module] = nn.GELU,
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.GroupNorm(min(8, width), width), nn.GELU())
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.GroupNorm(min(8, width), width), activation())
         stages: list[nn.Module] = []
         c_in = width
         for i, c_out in enumerate((width, 2 * width, 4 * width)):
             for b in range(blocks):
-                stages.append(_Block(c_in, c_out, stride=2 if (i > 0 and b == 0) else 1))
+                stages.append(_Block(c_in, c_out, stride=2 if (i > 0 and b == 0) else 1, activation=activation))
                 c_in = c_out
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -116,6 +123,11 @@ def _convnet(**kw: int) -> nn.Module:
 @MODELS.register("resnet", description="CIFAR-style ResNet-8 with GELU and GroupNorm, width 16")
 def _resnet(**kw: int) -> nn.Module:
     return ResNetGELU(**kw)
+
+
+@MODELS.register("resnet-relu", description="the same ResNet-8 with ReLU (as Inverting Gradients attacked; GroupNorm instead of BatchNorm)")
+def _resnet_relu(**kw: int) -> nn.Module:
+    return ResNetGELU(activation=nn.ReLU, **kw)
 
 
 def torchvision_available() -> bool:

@@ -34,6 +34,7 @@ def test_overrides_are_typed():
         ("attack.steps", "section.key=value"),
         ("attack.objective=l3", "unknown objective 'l3'; valid: cosine, l2, l2+l1"),
         ("attack.priors.smooth=1", "unknown prior 'smooth'"),
+        ("attack.start=rgap", "attack.start must be one of"),
         ("attack.steps=0", "at least 1"),
         ("data.batch_size=0", "at least 1"),
         ("task.mean=0.5", "one value per channel"),

@@ -63,8 +63,9 @@ def test_restarts_are_chosen_by_gradient_distance():
 
 
 def test_engine_never_takes_ground_truth():
+    # start/start_labels are a starting point the attacker computed from the observation (R-GAP's closed form)
     params = set(inspect.signature(reconstruct).parameters)
-    assert params == {"task", "observation", "attack", "seed", "device", "callbacks"}
+    assert params == {"task", "observation", "attack", "seed", "device", "callbacks", "start", "start_labels"}
 
 
 def test_users_model_is_left_untouched():

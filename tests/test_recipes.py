@@ -70,3 +70,18 @@ def test_auto_needs_bundled_candidates():
 
     with pytest.raises(ConfigError, match="attack.candidates"):
         load_recipe("auto", ["attack.candidates=nosuch"])
+
+
+def test_closed_form_start_begins_where_rgap_ends(tmp_path):
+    # one L-BFGS step from a uniform start is far from the image; from R-GAP's recovery it is exact already
+    steps = ["attack.steps=1", "attack.restarts=1", "attack.inner_steps=1", "task.image_size=16", "task.num_classes=10"]
+    cold = run_recipe(load_recipe("idlg", [*steps, "attack.start=none"]), out=tmp_path / "cold", samples=1, seed=0)
+    warm = run_recipe(load_recipe("idlg", steps), out=tmp_path / "warm", samples=1, seed=0)  # as shipped
+    assert cold["samples"][0]["psnr"] < 30 <= 60 <= warm["samples"][0]["psnr"]
+
+
+def test_closed_form_start_falls_back_where_rgap_does_not_apply(tmp_path):
+    recipe = load_recipe("inverting-gradients", ["attack.steps=2", "attack.start=closed-form", "task.image_size=16"])
+    result = run_recipe(recipe, out=tmp_path, samples=1, seed=0)
+    assert any("closed form does not apply" in note for note in result["attack_notes"])
+    assert result["samples"][0]["psnr"] is not None

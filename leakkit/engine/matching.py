@@ -26,6 +26,9 @@ from leakkit.tasks.base import Task
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 INITS = ("uniform", "gaussian", "mid")
+# Where the first restart starts: "none" (attack.init) or "closed-form" (R-GAP's recovery, computed by
+# the caller and passed as `reconstruct(start=...)`; where it does not apply, attack.init is used).
+STARTS = ("none", "closed-form")
 # With the right labels the feature solve fits to ~1e-10 or better (float32 gradients); wrong labels leave >1e-3.
 FEATURE_RESIDUAL_LIMIT = 1e-6
 
@@ -37,7 +40,9 @@ class AttackConfig:
     objective: name in OBJECTIVES; l1_weight: TAG's L1 weight; layer_weights: name in LAYER_WEIGHTS.
     optimizer: name in OPTIMIZERS; lr; steps: optimizer steps per restart; inner_steps: L-BFGS
     iterations per step; history: L-BFGS memory; schedule: name in SCHEDULES.
-    labels: name in LABELS; init: "uniform", "gaussian" or "mid" (see the task's initial_guess); priors: prior name -> weight;
+    labels: name in LABELS; init: "uniform", "gaussian" or "mid" (see the task's initial_guess); start:
+    "closed-form" makes the first restart begin at R-GAP's recovery where it applies (batch size 1,
+    FedSGD, a plain chain of layers), "none" at attack.init; priors: prior name -> weight;
     box: project onto the feasible set after each step.
     feature_weight: weight of matching each example's output-layer input to the values solved from
     the output layer's gradient (`analytic.linear_layer_inputs`); 0 = off. Batches need fixed labels;
@@ -63,6 +68,7 @@ class AttackConfig:
     schedule: str = "none"
     labels: str = "soft"
     init: str = "uniform"
+    start: str = "none"
     priors: dict[str, float] = field(default_factory=dict)
     box: bool = False
     feature_weight: float = 0.0
@@ -84,6 +90,8 @@ class AttackConfig:
             PRIORS.get(name)
         if self.init not in INITS:
             raise ConfigError(f"attack.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.start not in STARTS:
+            raise ConfigError(f"attack.start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.precision not in DTYPES:
             raise ConfigError(f"attack.precision must be one of {', '.join(DTYPES)}, got {self.precision!r}")
         for key in ("steps", "inner_steps", "history", "restarts"):
@@ -153,6 +161,8 @@ def reconstruct(
     seed: int = 0,
     device: str | torch.device = "cpu",
     callbacks: Sequence[StepCallback] = (),
+    start: torch.Tensor | None = None,
+    start_labels: torch.Tensor | None = None,
 ) -> Recovery:
     """Recover a batch of inputs (and labels) whose gradient matches `observation`.
 
@@ -163,6 +173,10 @@ def reconstruct(
         seed: makes initialisation, and so the whole search, deterministic.
         device: where to run ("cpu", "cuda").
         callbacks: called after every step with a StepEvent (progress bars, external probes).
+        start: where the first restart begins instead of attack.init (e.g. a closed-form recovery),
+            in the task's input coordinates. Shape: [batch_size, *input_shape].
+        start_labels: label probabilities the first restart's soft labels begin at (with `start`;
+            unused where the labels are fixed). Shape: [label rows, num_classes].
     Returns:
         The best restart by gradient distance.
     Raises:
@@ -207,7 +221,8 @@ def reconstruct(
     best: _Candidate | None = None
     for restart in range(attack.restarts):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + restart)
-        status, candidate = _run_restart(problem, attack, fixed, restart, gen, started, trace, callbacks, device)
+        first = (start, start_labels) if restart == 0 else (None, None)
+        status, candidate = _run_restart(problem, attack, fixed, restart, gen, started, trace, callbacks, device, *first)
         statuses.append(status)
         if candidate is not None and (best is None or candidate.distance < best.distance):
             best = candidate
@@ -313,14 +328,26 @@ def _run_restart(
     trace: list[dict[str, Any]],
     callbacks: Sequence[StepCallback],
     device: str | torch.device,
+    start: torch.Tensor | None = None,
+    start_labels: torch.Tensor | None = None,
 ) -> tuple[str, _Candidate | None]:
-    """One independent start: returns its status and its best point by gradient distance."""
+    """One independent start (at `start` where given): returns its status and its best point by gradient distance."""
     work, dtype = problem.task, problem.target[0].dtype
-    x = work.initial_guess(problem.batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
+    if start is not None:
+        if tuple(start.shape) != (problem.batch, *work.input_shape):
+            raise ConfigError(f"the start has shape {tuple(start.shape)}, the batch needs {(problem.batch, *work.input_shape)}")
+        x = start.detach().to(device=device, dtype=dtype).clone()
+        if attack.box:
+            x = work.project(x)
+    else:
+        x = work.initial_guess(problem.batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
     x.requires_grad_(True)
     variables = [x]
     if fixed is None:
         logits = torch.randn((work.label_rows(problem.batch), work.num_classes), generator=gen, dtype=torch.float64)
+        if start is not None and start_labels is not None and tuple(start_labels.shape) == tuple(logits.shape):
+            # soft labels begin at the given probabilities (log-probabilities are logits of the same softmax)
+            logits = start_labels.double().clamp_min(1e-6).log()
         logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
         variables.append(logits)
     else:

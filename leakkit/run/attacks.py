@@ -87,7 +87,23 @@ _DLG = ("Zhu, Liu, Han, Deep Leakage from Gradients, NeurIPS 2019; Geiping et al
 def _match_images(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
     from leakkit.engine.matching import reconstruct
 
-    return reconstruct(task, observation, recipe.attack, **options)
+    start, labels, note = _closed_form_start(task, observation) if recipe.attack.start == "closed-form" else (None, None, None)
+    recovery = reconstruct(task, observation, recipe.attack, start=start, start_labels=labels, **options)
+    if note:
+        recovery.notes.append(note)
+    return recovery
+
+
+def _closed_form_start(task: Any, observation: Any) -> tuple[Any, Any, str | None]:
+    """R-GAP's recovery (inputs, labels) as the engine's first start, or (None, None, why not) where the
+    closed form does not apply."""
+    from leakkit.vision.rgap import rgap_attack
+
+    try:
+        recovery = rgap_attack(task, observation)
+        return recovery.inputs, recovery.labels, None
+    except ConfigError as e:
+        return None, None, f"attack.start=closed-form: the closed form does not apply ({e}); the first restart starts at attack.init"
 
 
 @register_attack("match", modality="text", paper=_DLG,
