@@ -40,6 +40,23 @@ def test_idlg_label_with_and_without_bias():
         assert analytic.label_single(obs.gradients["fc.weight"], None) == label
 
 
+def test_saturated_softmax_label_comes_from_the_models_prediction():
+    # the client's model is so sure of class 6 that its float32 gradient has no negative entry, and
+    # class 0's probability underflows: both gradients are exactly 0, and the sign rule picks class 0
+    torch.manual_seed(0)
+    task = ImageClassification.from_name("lenet", num_classes=10, image_size=16)
+    x = torch.from_numpy(real_image(16, 0))[None]
+    fc = task.model.fc
+    with torch.no_grad():
+        fc.bias[6] += 40.0 - float(task.model(x)[0, 6] - task.model(x)[0].max())
+        fc.bias[0] -= 200.0
+    obs = observe(task, x, torch.tensor([6]))
+    gW, gb = obs.gradients["fc.weight"], obs.gradients["fc.bias"]
+    assert float(gb.min()) >= 0 and analytic.label_single(gW, gb) == 0  # the sign rule has nothing to read
+    assert analytic.label_single(gW, gb, fc.weight.detach(), fc.bias.detach()) == 6
+    assert int(LABELS.get("idlg")(obs, task).argmax()) == 6
+
+
 def test_repeated_labels_are_estimated_with_the_right_total():
     _, _, obs = _setup(4, [2, 2, 2, 7])
     got = analytic.label_counts(obs.gradients["fc.weight"], obs.gradients["fc.bias"], 4)

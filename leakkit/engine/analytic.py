@@ -27,9 +27,21 @@ def class_signal(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> t
     return weight_grad.detach().double().sum(dim=1)
 
 
-def label_single(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> int:
-    """iDLG: the label of a single example is the class with the negative (smallest) signal."""
-    return int(class_signal(weight_grad, bias_grad).argmin())
+def label_single(
+    weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> int:
+    """iDLG: the label of a single example is the class with the negative (smallest) signal.
+
+    Where no signal is negative the softmax saturated: the client's model put probability 1 (in
+    float32) on the true class, whose gradient rounds to 0 like every other (seed 53's LeNet-ReLU,
+    a logit gap of 28). Given the output layer's `weight` and `bias`, the label is then the model's
+    own prediction on the input solved from the gradient, which a saturated softmax makes certain.
+    """
+    signal = class_signal(weight_grad, bias_grad)
+    if float(signal.min()) < 0 or weight is None or bias is None or bias_grad is None or not bool((bias_grad != 0).any()):
+        return int(signal.argmin())
+    h = linear_layer_input(weight_grad.double(), bias_grad.double())
+    return int((weight.double() @ h + bias.double()).argmax())
 
 
 def label_counts(

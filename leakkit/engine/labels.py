@@ -37,7 +37,9 @@ def idlg(observation: Observation, task: Task) -> torch.Tensor:
     """Read the single example's label off the output layer's gradient sign (iDLG); batch 1 only."""
     if observation.batch_size != 1:
         raise ConfigError("label strategy 'idlg' needs batch size 1; use 'batch' for larger batches")
-    label = analytic.label_single(*_classifier_grads(observation, task))
+    params = dict(task.parameters())
+    w, b = task.classifier_parameter_names()
+    label = analytic.label_single(*_classifier_grads(observation, task), params[w].detach(), params[b].detach() if b else None)
     return torch.nn.functional.one_hot(torch.tensor([label]), task.num_classes).double()
 
 

@@ -576,7 +576,7 @@ def invert(
         raise ConfigError(f"rgap needs the gradient of {missing[0]!r}, which the update does not hold")
     gW = gradients[f"{prefix}weight"].double()
     gb = gradients[f"{prefix}bias"].double()
-    label = analytic.label_single(gW, gb)
+    label = analytic.label_single(gW, gb, top.module.weight.detach(), top.module.bias.detach())
     h = analytic.linear_layer_input(gW, gb)
     dz = gb  # batch 1: the bias gradient is the gradient with respect to the logits
     reports = [LayerReport(top.name, h.numel(), 0, gW.numel(), h.numel(), 1.0,
