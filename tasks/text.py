@@ -273,13 +273,24 @@ class TextTask(Task):
         for k, s in enumerate(sentences):
             if not s.strip():
                 raise InputError(f"sentence {k + 1} is empty")
-            ids = self.tokenizer(s, add_special_tokens=True, truncation=False)["input_ids"]
+            ids = self.token_ids(s)
             if len(ids) > self.max_length:
                 raise InputError(f"sentence {k + 1} has {len(ids)} tokens; the model takes at most {self.max_length}")
             rows.append(ids)
+        return self.pad(rows)
+
+    def token_ids(self, sentence: str) -> list[int]:
+        """One sentence's token ids with the tokenizer's special tokens."""
+        return list(self.tokenizer(sentence, add_special_tokens=True, truncation=False)["input_ids"])
+
+    def pad_id(self) -> int:
+        """The id that fills a batch's rows past each sentence's end (0 where the tokenizer has none)."""
+        return int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Token rows -> ids [B, n] padded with `pad_id()`, and each row's length."""
         n = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(rows), n), pad, dtype=torch.long)
+        ids = torch.full((len(rows), n), self.pad_id(), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         return ids, [len(r) for r in rows]
@@ -479,28 +490,18 @@ class CausalLanguageModeling(TextTask):
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.num_classes = self.vocab_size
 
-    def tokenize(self, sentences: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """As TextTask.tokenize, with the start/end tokens added when the tokenizer leaves them out (GPT-2's does)."""
+    def token_ids(self, sentence: str) -> list[int]:
+        """As TextTask's, with the start/end tokens added when the tokenizer leaves them out (GPT-2's does)."""
         start, end = self.boundary_ids()
-        rows = []
-        for k, s in enumerate(sentences):
-            if not s.strip():
-                raise InputError(f"sentence {k + 1} is empty")
-            ids = list(self.tokenizer(s, add_special_tokens=True, truncation=False)["input_ids"])
-            if start is not None and (not ids or ids[0] != start):
-                ids = [start] + ids
-            if end is not None and ids[-1] != end:
-                ids = ids + [end]
-            if len(ids) > self.max_length:
-                raise InputError(f"sentence {k + 1} has {len(ids)} tokens; the model takes at most {self.max_length}")
-            rows.append(ids)
-        n = max(len(r) for r in rows)
-        ids_t = torch.full((len(rows), n), self.pad_id(), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids_t[i, : len(r)] = torch.tensor(r)
-        return ids_t, [len(r) for r in rows]
+        ids = super().token_ids(sentence)
+        if start is not None and (not ids or ids[0] != start):
+            ids = [start] + ids
+        if end is not None and ids[-1] != end:
+            ids = ids + [end]
+        return ids
 
     def pad_id(self) -> int:
+        """The pad id, else the end token's (GPT-2's tokenizer has no pad token)."""
         tok = self.tokenizer
         return int(tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
 

@@ -108,18 +108,6 @@ def gradient_distance(task: TextTask, observation: Observation, input_ids: torch
     return relative_distance(grads, target)
 
 
-def _pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, list[int]]:
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids, [len(r) for r in rows]
-
-
-def _pad_id(task: TextTask) -> int:
-    return int(task.tokenizer.pad_token_id if task.tokenizer.pad_token_id is not None else 0)
-
-
 def _fill_labels(input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor, masked_lm: bool) -> list[list[int]]:
     out = []
     for b, L in enumerate(lengths):
@@ -173,14 +161,13 @@ def exact(
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
-        # span checks need float32 only (members sit near 1e-6, non-members near 1)
-        finder = task.sharing(observation).copy_to(dtype=torch.float32, device=device)
+        finder = _span_finder(task, observation, device)
         candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None)  # type: ignore[arg-type]
         if not candidates:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
         rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes)  # type: ignore[arg-type]
         del finder
-    input_ids, lengths = _pad(rows, _pad_id(work))
+    input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
     labels = _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
@@ -194,6 +181,12 @@ def exact(
     )
 
 
+def _span_finder(task: TextTask, observation: Observation, device: str) -> TextTask:
+    """The attacker's float32 copy for span checks: members of a span sit near 1e-6, non-members near 1,
+    so float32 tells them apart at half float64's memory and time."""
+    return task.sharing(observation).copy_to(dtype=torch.float32, device=device)  # type: ignore[return-value]
+
+
 NOISY_BEAM = 64  # prefixes kept per position and sentence of the batch when the update is noisy
 
 
@@ -201,8 +194,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
     """DAGER's decoder search (leakkit.text.decoder), then the batch's gradient recomputed in float64."""
     notes: list[str] = []
     B = observation.batch_size
-    # the span checks need float32 only; the final gradient check runs in float64
-    finder = task.sharing(observation).copy_to(dtype=torch.float32, device=device)
+    finder = _span_finder(task, observation, device)  # the final gradient check runs in float64
     noise = dec.update_noise(finder, observation, notes)  # type: ignore[arg-type]
     if noise > 0:
         # every word-embedding row and position row is non-zero under noise: scan the vocabulary
@@ -236,7 +228,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
         rows += [rows[i % len(rows)] for i in range(B - len(rows))]
     del finder
     work = _attacker_copy(task.sharing(observation), device)
-    input_ids, lengths = _pad(rows, task.pad_id())
+    input_ids, lengths = task.pad(rows)
     input_ids = input_ids.to(device)
     labels = task.labels_for(input_ids, lengths)
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
@@ -269,7 +261,6 @@ def assemble(
     ends = [j for j, c in enumerate(candidates) if sep in c] or [len(candidates) - 1]
     gen = torch.Generator().manual_seed(seed)
     dev = next(task.model.parameters()).device
-    pad = _pad_id(task)
     found: dict[tuple[int, ...], float] = {}
     closest: dict[tuple[int, ...], float] = {}  # every hypothesis the search ended on, with its residual
 
@@ -278,7 +269,7 @@ def assemble(
     def score(rows: list[list[int]]) -> torch.Tensor:
         nonlocal scored
         scored += len(rows)
-        ids, lengths = _pad(rows, pad)
+        ids, lengths = task.pad(rows)
         return ta.layer_residual(task, observation, 1, ids.to(dev), lengths)
 
     for end in ends:

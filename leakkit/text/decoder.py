@@ -157,15 +157,13 @@ def multiplicities(task: CausalLanguageModeling, observation: Observation, optio
         return None  # the end token is also read as an input: its row mixes in an input part
     head = task.model.get_output_embeddings()
     dev = next(task.model.parameters()).device
-    n = max(len(o) for o in options)
-    ids = torch.full((len(options), n), task.pad_id(), dtype=torch.long)
-    for k, o in enumerate(options):
-        ids[k, : len(o)] = torch.tensor(o)
+    ids, lengths = task.pad([list(o) for o in options])
+    n = ids.shape[1]
     box: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, a: box.append(a[0]))
     try:
         with torch.no_grad():
-            logits = task.model(input_ids=ids.to(dev), attention_mask=(torch.arange(n)[None] < torch.tensor([len(o) for o in options])[:, None]).long().to(dev)).logits
+            logits = task.model(input_ids=ids.to(dev), attention_mask=(torch.arange(n)[None] < torch.tensor(lengths)[:, None]).long().to(dev)).logits
     finally:
         handle.remove()
     h, p_end = box[-1].double(), torch.softmax(logits.double(), -1)[..., end]
