@@ -82,16 +82,21 @@ def test_an_underdetermined_layer_is_reported_as_such():
     assert conv["prior"] and not any(layer["prior"] for layer in rec.report["layers"][:-1])
 
 
+def _relu_lenet_recovery(seed, image):
+    torch.manual_seed(seed)
+    with pytest.warns(UserWarning, match="piecewise-linear"):
+        task = ImageClassification.from_name("lenet-relu", num_classes=100, image_size=32)
+    x = torch.from_numpy(real_image(32, image))[None]
+    rec = rgap.rgap_attack(task, observe(task, x, torch.tensor([17])))
+    pixels = task.to_pixels(rec.inputs.double())[0].float().numpy()
+    return rec, metrics.ssim(x[0].numpy(), pixels), _psnr(task, x, rec)
+
+
 def test_relu_lenet_recovers_a_recognisable_image():
     # LeNet-ReLU's first layer: off units drop their forward equations, leaving fewer equations than
     # pixels; before the on/off split and the smoothness prior this came back at 7 dB, SSIM 0.05
-    torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="piecewise-linear"):
-        task = ImageClassification.from_name("lenet-relu", num_classes=100, image_size=32)
-    x = torch.from_numpy(real_image(32, 2))[None]
-    rec = rgap.rgap_attack(task, observe(task, x, torch.tensor([17])))
-    pixels = task.to_pixels(rec.inputs.double())[0].float().numpy()
-    assert metrics.ssim(x[0].numpy(), pixels) >= 0.9 and _psnr(task, x, rec) >= 30
+    rec, ssim, psnr = _relu_lenet_recovery(seed=0, image=2)
+    assert ssim >= 0.9 and psnr >= 30
     assert rec.report["layers"][-1]["prior"] and rec.label_ids == [17]
 
 
@@ -195,11 +200,6 @@ def test_bias_gradient_corrects_a_tiny_on_unit_the_magnitude_split_misses():
 
 def test_relu_lenet_where_the_middle_layer_needs_the_bound():
     # seed 1's LeNet-ReLU: this image came back at 5 dB before the non-negative solve and the bias check
-    torch.manual_seed(1)
-    with pytest.warns(UserWarning, match="piecewise-linear"):
-        task = ImageClassification.from_name("lenet-relu", num_classes=100, image_size=32)
-    x = torch.from_numpy(real_image(32, 0))[None]
-    rec = rgap.rgap_attack(task, observe(task, x, torch.tensor([17])))
-    pixels = task.to_pixels(rec.inputs.double())[0].float().numpy()
-    assert metrics.ssim(x[0].numpy(), pixels) >= 0.8 and _psnr(task, x, rec) >= 25
+    rec, ssim, psnr = _relu_lenet_recovery(seed=1, image=0)
+    assert ssim >= 0.8 and psnr >= 25
     assert any(layer["bounded"] > 0 for layer in rec.report["layers"])
