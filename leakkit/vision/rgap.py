@@ -396,6 +396,22 @@ def _smoothness(shape: tuple[int, ...]) -> Any:
     return sparse.vstack([*rows, SMOOTH_RIDGE * eye]).tocsr()
 
 
+def _cholesky(matrix: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric positive semi-definite matrix. Where rounding makes it
+    indefinite (a noisy update's normal equations with the smoothness prior lose definiteness at
+    float64's last digits), a ridge from 1e-12 of the mean diagonal up, a hundredfold per try, is added."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    ridge = 1e-12 * max(float(matrix.diagonal().mean()), 1e-300)
+    eye = None
+    while int(info) != 0 and ridge < float(matrix.diagonal().abs().max()):
+        eye = torch.eye(len(matrix), dtype=matrix.dtype) if eye is None else eye
+        factor, info = torch.linalg.cholesky_ex(matrix + ridge * eye)
+        ridge *= 100
+    if int(info) != 0:
+        raise ConfigError("rgap: a layer's normal equations are not positive definite even with a ridge (a NaN in the update?)")
+    return factor
+
+
 def _cholesky_solve(factor: Any, b: Any) -> Any:
     """x with L L^T x = b (numpy, lower factor L): scipy's triangular solves (torch's CPU ones took
     0.4-1 s each at 3,072 unknowns here, scipy's milliseconds; torch's factorisation is the faster one)."""
@@ -455,9 +471,7 @@ def _nonnegative_solve(normal: torch.Tensor, c: Any, y: Any, residual: Callable[
             break
         mask = torch.from_numpy(free)
         block = normal[mask][:, mask]
-        factor, info = torch.linalg.cholesky_ex(block)
-        if int(info) != 0:  # a free block that lost rank: a ridge at rounding level keeps it solvable
-            factor = torch.linalg.cholesky(block + 1e-12 * float(block.diagonal().mean()) * torch.eye(len(block), dtype=block.dtype))
+        factor = _cholesky(block)  # a free block that lost rank gets a ridge at rounding level
         y[free] = _cholesky_solve(factor.numpy(), c[free] - N[np.ix_(free, held)] @ y[held])
     return np.maximum(y, 0.0), int(held.sum())
 
@@ -516,7 +530,7 @@ def _solve_layer(
             # the prior's weight relative to the equations' (both Frobenius norms)
             weight = SMOOTH_WEIGHT * float(sparse.linalg.norm(Ms)) / max(float(sparse.linalg.norm(D)), 1e-300)
             normal = normal + weight**2 * torch.from_numpy((D.T @ D).toarray())
-            factor = torch.linalg.cholesky(normal)
+            factor = _cholesky(normal)
         c = Ms.T @ r
         y = _cholesky_solve(factor.numpy(), c)
         if nonnegative and bool(np.any(y < -BOUND_SLACK * np.abs(y).max())):
