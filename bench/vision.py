@@ -46,8 +46,8 @@ TIER_ROWS: dict[str, tuple[str, list[str], int, int]] = {
     "rgap-relu-seed11": ("rgap", ["task.model=lenet-relu"], 32, 11),
     "rgap-b1": ("rgap", [], 32, 11),
     "rgap-b1-seed23": ("rgap", [], 32, 23),
-    "dlg-noise-1e-3": ("dlg", ["defense=noise:std=1e-3", "attack.restarts=1"], 16, 11),
-    "dlg-noise-1e-2": ("dlg", ["defense=noise:std=1e-2", "attack.restarts=1"], 8, 11),
+    "dlg-noise-1e-3": ("dlg", ["defense=noise:std=1e-3", "attack.restarts=1"], 32, 11),
+    "dlg-noise-1e-2": ("dlg", ["defense=noise:std=1e-2", "attack.restarts=1"], 16, 11),
     "idlg-64px": ("idlg", ["task.image_size=64"], 4, 11),
 }
 BATCH_OVERRIDES = [
