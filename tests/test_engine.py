@@ -112,3 +112,16 @@ def test_batch_labels_and_features_are_used_for_batches():
     rec = reconstruct(task, obs, AttackConfig(labels="batch", feature_weight=1.0, restarts=1, steps=2), seed=0)
     assert sorted(rec.label_ids) == sorted(labels.tolist())
     assert rec.inputs.shape == x.shape
+
+
+def test_a_start_worse_than_the_init_is_dropped():
+    # the attacker compares its given start with attack.init's by its own gradient distance
+    task, x, _, obs = _victim()
+    config = AttackConfig(labels="idlg", restarts=1, steps=1, inner_steps=1, patience=0)
+    plain = reconstruct(task, obs, config, seed=0)
+    far = torch.full_like(x, 40.0, dtype=torch.float64)  # far outside any image
+    dropped = reconstruct(task, obs, config, seed=0, start=far)
+    assert any("worse than attack.init" in n for n in dropped.notes)
+    assert torch.allclose(dropped.inputs, plain.inputs)
+    kept = reconstruct(task, obs, config, seed=0, start=x.double())  # the truth itself: kept
+    assert not any("worse than attack.init" in n for n in kept.notes) and kept.distance < 1e-6
