@@ -219,11 +219,16 @@ def reconstruct(
     trace: list[dict[str, Any]] = []
     statuses: list[str] = []
     best: _Candidate | None = None
-    if start is not None and not _start_beats_init(problem, attack, fixed, start, start_labels, seed, device):
-        notes.append("the given start matched the update worse than attack.init's (a defended update?): the first restart starts at attack.init")
-        start = start_labels = None
+    if start is not None:
+        if tuple(start.shape) != (problem.batch, *work.input_shape):
+            raise ConfigError(f"the start has shape {tuple(start.shape)}, the batch needs {(problem.batch, *work.input_shape)}")
+        if start_labels is not None and tuple(start_labels.shape) != (work.label_rows(problem.batch), work.num_classes):
+            start_labels = None  # soft labels of another shape: the first restart draws its own
+        if not _start_beats_init(problem, attack, fixed, start, start_labels, seed, device):
+            notes.append("the given start matched the update worse than attack.init's (a defended update?): the first restart starts at attack.init")
+            start = start_labels = None
     for restart in range(attack.restarts):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + restart)
+        gen = _restart_generator(seed, restart)
         first = (start, start_labels) if restart == 0 else (None, None)
         status, candidate = _run_restart(problem, attack, fixed, restart, gen, started, trace, callbacks, device, *first)
         statuses.append(status)
@@ -248,6 +253,11 @@ def reconstruct(
     )
 
 
+def _restart_generator(seed: int, restart: int) -> torch.Generator:
+    """The random stream of one restart: its start and its soft labels."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + restart)
+
+
 def _start_beats_init(
     problem: "_Problem", attack: AttackConfig, fixed: torch.Tensor | None, start: torch.Tensor, start_labels: torch.Tensor | None,
     seed: int, device: str | torch.device,
@@ -261,11 +271,10 @@ def _start_beats_init(
     """
     dtype = problem.target[0].dtype
     labels = fixed if fixed is not None else start_labels
-    if labels is None or tuple(start.shape) != (problem.batch, *problem.task.input_shape):
-        return True  # nothing to compare with; _run_restart reports a wrong shape
+    if labels is None:
+        return True  # soft labels drawn at random: nothing to compare the inputs with
     labels = labels.to(device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed * 1_000_003)
-    init = problem.task.initial_guess(problem.batch, init=attack.init, generator=gen).to(device=device, dtype=dtype)
+    init = problem.task.initial_guess(problem.batch, init=attack.init, generator=_restart_generator(seed, 0)).to(device=device, dtype=dtype)
     with torch.enable_grad():
         ours = relative_distance(problem.update(start.to(device=device, dtype=dtype), labels, create_graph=False), problem.target)
         theirs = relative_distance(problem.update(init, labels, create_graph=False), problem.target)
@@ -360,9 +369,7 @@ def _run_restart(
 ) -> tuple[str, _Candidate | None]:
     """One independent start (at `start` where given): returns its status and its best point by gradient distance."""
     work, dtype = problem.task, problem.target[0].dtype
-    if start is not None:
-        if tuple(start.shape) != (problem.batch, *work.input_shape):
-            raise ConfigError(f"the start has shape {tuple(start.shape)}, the batch needs {(problem.batch, *work.input_shape)}")
+    if start is not None:  # its shape was checked by reconstruct
         x = start.detach().to(device=device, dtype=dtype).clone()
         if attack.box:
             x = work.project(x)
@@ -372,7 +379,7 @@ def _run_restart(
     variables = [x]
     if fixed is None:
         logits = torch.randn((work.label_rows(problem.batch), work.num_classes), generator=gen, dtype=torch.float64)
-        if start is not None and start_labels is not None and tuple(start_labels.shape) == tuple(logits.shape):
+        if start is not None and start_labels is not None:
             # soft labels begin at the given probabilities (log-probabilities are logits of the same softmax)
             logits = start_labels.double().clamp_min(1e-6).log()
         logits = logits.to(device=device, dtype=dtype).requires_grad_(True)
