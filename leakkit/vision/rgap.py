@@ -549,6 +549,11 @@ def _solve_layer(
     return torch.from_numpy(h), A, report
 
 
+def _param(module_name: str, kind: str) -> str:
+    """A parameter's name in the gradients dict: `body.0` + `weight` -> `body.0.weight` (a bare model: `weight`)."""
+    return f"{module_name}.{kind}" if module_name else kind
+
+
 def _nonnegative_inputs(steps: list[_Step]) -> set[str]:
     """Names of the affine layers whose input is the output of a sparse non-negative activation (ReLU)."""
     out: set[str] = set()
@@ -584,12 +589,11 @@ def invert(
     top = steps[-1]
     if top.module.bias is None:
         raise ConfigError("rgap needs the output layer to have a bias (its gradient gives the logits' gradient)")
-    prefix = f"{top.name}." if top.name else ""
-    missing = [n for n in (f"{prefix}weight", f"{prefix}bias") if n not in gradients]
+    missing = [n for n in (_param(top.name, "weight"), _param(top.name, "bias")) if n not in gradients]
     if missing:
         raise ConfigError(f"rgap needs the gradient of {missing[0]!r}, which the update does not hold")
-    gW = gradients[f"{prefix}weight"].double()
-    gb = gradients[f"{prefix}bias"].double()
+    gW = gradients[_param(top.name, "weight")].double()
+    gb = gradients[_param(top.name, "bias")].double()
     label = analytic.label_single(gW, gb, top.module.weight.detach(), top.module.bias.detach())
     h = analytic.linear_layer_input(gW, gb)
     dz = gb  # batch 1: the bias gradient is the gradient with respect to the logits
@@ -610,7 +614,7 @@ def invert(
         if step.role == "activation":
             z, known = ACTIVATIONS.get(type(step.module).__name__)(step.module, h)
             below = feeds.get(step.name)
-            bias_grad = gradients.get(f"{below}.bias" if below else "bias") if below is not None else None
+            bias_grad = gradients.get(_param(below, "bias")) if below is not None else None
             if not bool(known.all()) and bias_grad is not None and bias_grad.numel() > 0 and h.numel() % bias_grad.numel() == 0:
                 known = _consistent_active(h, known, dh, bias_grad.double())
                 z = torch.where(known, h, torch.zeros_like(h))
@@ -620,12 +624,12 @@ def invert(
             h, dz = z, dh * slope
             trust = slope
             continue
-        prefix = f"{step.name}." if step.name else ""
-        if f"{prefix}weight" not in gradients:
-            raise ConfigError(f"rgap needs the gradient of {prefix}weight, which the update does not hold")
+        weight = _param(step.name, "weight")
+        if weight not in gradients:
+            raise ConfigError(f"rgap needs the gradient of {weight}, which the update does not hold")
         if known is None:  # two affine layers in a row: the output is the pre-activation itself
             known = torch.ones_like(h, dtype=torch.bool)
-        h, A, report = _solve_layer(step, h, known, dz, gradients[f"{prefix}weight"], exact_rank=exact_rank, trust=trust,
+        h, A, report = _solve_layer(step, h, known, dz, gradients[weight], exact_rank=exact_rank, trust=trust,
                                 nonnegative=step.name in nonnegative)
         reports.append(report)
         dh = torch.from_numpy(A.T @ dz.numpy())
