@@ -39,7 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from leakkit.errors import ConfigError  # noqa: E402
 from leakkit.metrics import psnr, ssim  # noqa: E402
+from leakkit.run.attacks import ATTACKS  # noqa: E402
 from leakkit.run.config import load_recipe  # noqa: E402
 from leakkit.run.rundir import provenance, write_json  # noqa: E402
 from leakkit.run.runner import attack, hooks_for  # noqa: E402
@@ -139,11 +141,12 @@ def bench_model(model: str, images: int, steps: int, seed: int, breaching: Any) 
         observation = hooks.client_update(task, first, batches, b, seed=seed)
         row: dict[str, Any] = {"image": b}
         for name, overrides in attackers:
-            extra = [f"attack.steps={steps}"] if name != "rgap" else []
-            recipe = load_recipe(name, [f"task.model={model}", *overrides, *extra])
+            recipe = load_recipe(name, [f"task.model={model}", *overrides])
+            if ATTACKS.get(recipe.method).iterative:  # the shared step budget; a closed form has none
+                recipe = load_recipe(name, [f"task.model={model}", *overrides, f"attack.steps={steps}"])
             try:
                 recovery = attack(task, observation, recipe, seed=seed + b, device="cpu")
-            except Exception as e:  # a recipe that does not apply to this model (rgap on a residual network)
+            except ConfigError as e:  # a recipe that does not apply to this model (rgap on a residual network)
                 row[name] = {"error": str(e).splitlines()[0]}
                 continue
             p, s = _score(task, batch.pixels, recovery.inputs)
