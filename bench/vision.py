@@ -29,9 +29,10 @@ import torch
 
 from leakkit import metrics
 from leakkit.run.config import load_recipe
-from leakkit.engine.matching import StepEvent, reconstruct
+from leakkit.engine.matching import StepEvent
 from leakkit.run.vision import build_task, load_samples, make_batches, score_images
 from leakkit.run.rundir import provenance, write_json
+from leakkit.run.runner import attack
 from leakkit.client.victim import observe
 from leakkit.vision.rgap import rgap_attack
 
@@ -117,7 +118,7 @@ def bench_batch1(n: int, device: str, skip_baseline: bool, skip_dlg: bool = Fals
             row["baseline"] = baseline_algorithm1(task, obs, batch.pixels, seed=i)
         if not skip_dlg:
             probe = PsnrProbe(task, batch.pixels)
-            rec = reconstruct(task, obs, recipe.attack, seed=i, device=device, callbacks=[probe])
+            rec = attack(task, obs, recipe, seed=i, device=device, callbacks=[probe])  # as the recipe ships (its start too)
             scored = score_images(task, batch, rec, recipe)[0]
             row["dlg"] = {"time_to_40": probe.reached, "psnr": scored["psnr"], "seconds": rec.seconds,
                           "label_correct": scored["label_correct"], "status": rec.status, "restart": rec.restart}
@@ -167,7 +168,7 @@ def bench_batch8(n: int, device: str) -> dict[str, Any]:
     psnrs, label_ok_distinct, label_ok_all, seconds = [], [], [], []
     for b, batch in enumerate(batches):
         obs = observe(task, task.from_pixels(batch.pixels.double()).float(), batch.labels)
-        rec = reconstruct(task, obs, recipe.attack, seed=b, device=device)
+        rec = attack(task, obs, recipe, seed=b, device=device)
         scored = score_images(task, batch, rec, recipe)
         psnrs += [r["psnr"] for r in scored]
         acc = metrics.label_accuracy(batch.labels.tolist(), rec.label_ids)
@@ -193,7 +194,7 @@ def bench_ig(n: int, device: str) -> dict[str, Any]:
     psnrs, seconds = [], []
     for b, batch in enumerate(batches):
         obs = observe(task, task.from_pixels(batch.pixels.double()).float(), batch.labels)
-        rec = reconstruct(task, obs, recipe.attack, seed=b, device=device)
+        rec = attack(task, obs, recipe, seed=b, device=device)
         psnrs.append(score_images(task, batch, rec, recipe)[0]["psnr"])
         seconds.append(rec.seconds)
         print(f"  image {b + 1}/{n} PSNR {psnrs[-1]:.1f} dB {rec.seconds:.1f} s", flush=True)
