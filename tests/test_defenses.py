@@ -162,12 +162,26 @@ def test_a_pruning_aware_attacker_beats_pruning_that_stops_a_naive_one():
 
     task, x, y, _ = _client(batch=1)
     pruned = defenses.apply(observe(task, x, y), "prune:ratio=0.3", _ctx())
-    psnr = {}
+    psnr, notes = {}, {}
+    # the default reads the prune step from the update's metadata; prune_aware=false is the naive attacker
     for aware in (False, True):
-        cfg = AttackConfig(labels="idlg", restarts=1, steps=60, patience=0, stop_distance=1e-10, ignore_zeros=aware)
+        cfg = AttackConfig(labels="idlg", restarts=1, steps=60, patience=0, stop_distance=1e-10, prune_aware=aware)
         rec = reconstruct(task, pruned, cfg, seed=0)
         psnr[aware] = metrics.psnr(x[0].numpy(), task.to_pixels(rec.inputs.double())[0].float().numpy())
+        notes[aware] = " ".join(rec.notes)
     assert psnr[True] > 30 and psnr[True] > psnr[False] + 10, psnr
+    assert "pruning-aware" in notes[True] and "pruning-aware" not in notes[False]
+
+
+def test_zeroing_defenses_are_read_from_the_metadata():
+    from leakkit.client.defenses import zeroed_by
+
+    def obs(records):
+        return Observation(gradients={}, batch_size=1, reduction="mean", extra={"defenses": records})
+
+    assert zeroed_by(obs([{"name": "noise", "std": 1e-3}, {"name": "fp16"}])) == []
+    assert zeroed_by(obs([{"name": "prune", "ratio": 0.5}, {"name": "topk", "keep": 0.1}, {"name": "mask", "ratio": 0.2}])) == ["prune", "topk", "mask"]
+    assert zeroed_by(obs([{"name": "not-a-defense"}])) == []
 
 
 def test_noise_variance_follows_the_recorded_chain():

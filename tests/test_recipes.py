@@ -65,6 +65,25 @@ def test_auto_skips_attacks_that_do_not_apply_and_names_the_winner(tmp_path):
     assert all(r["method"] == "auto" and r["psnr"] is not None for r in result["samples"])
 
 
+def test_auto_solves_the_closed_form_once_per_update(tmp_path, monkeypatch):
+    from leakkit.vision import rgap
+
+    calls = []
+    real = rgap.rgap_attack
+    monkeypatch.setattr(rgap, "rgap_attack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = ["task.image_size=16", "task.num_classes=10", "attack.steps=3", "attack.restarts=1"]
+    # noise keeps R-GAP off the stop distance, so idlg and dlg run too, each starting at its solve
+    noisy = run_recipe(load_recipe("auto", [*small, "attack.candidates=rgap,idlg,dlg", "defense=noise:std=1e-4"]),
+                       out=tmp_path / "noisy", samples=1, seed=0)
+    assert len(calls) == 1, calls
+    tried = noisy["samples"][0]["attack_report"]["candidates"]
+    assert list(tried) == ["rgap", "idlg", "dlg"] and all(isinstance(d, float) for d in tried.values()), tried
+    clean = run_recipe(load_recipe("auto", [*small, "attack.candidates=rgap,idlg"]), out=tmp_path / "clean", samples=1, seed=0)
+    row = clean["samples"][0]
+    # R-GAP wins on a clean update and ends the search; its one step is what time-to-success sees
+    assert row["attack"] == "rgap" and row["psnr"] >= 40 and row["seconds_to_success"] is not None
+
+
 def test_auto_needs_bundled_candidates():
     from leakkit.errors import ConfigError
 

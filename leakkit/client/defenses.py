@@ -72,17 +72,21 @@ class Defense:
     params: dict[str, Param] = field(default_factory=dict)
     strength: str | None = None
     doc: str = ""
+    zeroes: bool = False  # writes exact zeros where it drops entries (what a pruning-aware attacker skips)
 
 
 DEFENSES: Registry[Defense] = Registry("defense")
 
 
-def defense(name: str, doc: str, strength: str | None = None, **params: Param) -> Callable[[Transform], Transform]:
-    """Register a transform under `name` with its documented parameters."""
+def defense(name: str, doc: str, strength: str | None = None, *, zeroes: bool = False, **params: Param) -> Callable[[Transform], Transform]:
+    """Register a transform under `name` with its documented parameters.
+
+    zeroes: the transform drops entries by writing exact zeros (pruning, sparsification, masking).
+    """
 
     def add(fn: Transform) -> Transform:
         names = ", ".join(f"{k}={p.default:g}" for k, p in params.items())
-        DEFENSES.register(name, description=doc + (f" (defaults: {names})" if names else ""))(Defense(fn, params, strength, doc))
+        DEFENSES.register(name, description=doc + (f" (defaults: {names})" if names else ""))(Defense(fn, params, strength, doc, zeroes))
         return fn
 
     return add
@@ -249,7 +253,7 @@ def _int8(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observat
     return _replace(obs, _map(obs, quantize), {"name": "int8", "bits": int(p["bits"])})
 
 
-@defense("prune", "zero the `ratio` smallest-magnitude entries of each tensor (DLG's gradient pruning)", "ratio", ratio=Param(0.5, 0.0, 1.0))
+@defense("prune", "zero the `ratio` smallest-magnitude entries of each tensor (DLG's gradient pruning)", "ratio", zeroes=True, ratio=Param(0.5, 0.0, 1.0))
 def _prune(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observation:
     ratio = p["ratio"]
 
@@ -264,7 +268,7 @@ def _prune(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observa
     return _replace(obs, _map(obs, prune), {"name": "prune", "ratio": ratio})
 
 
-@defense("topk", "keep only the `keep` fraction of largest-magnitude entries over the whole update", "keep", keep=Param(0.1, 0.0, 1.0))
+@defense("topk", "keep only the `keep` fraction of largest-magnitude entries over the whole update", "keep", zeroes=True, keep=Param(0.1, 0.0, 1.0))
 def _topk(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observation:
     flat = torch.cat([g.double().flatten() for g in obs.gradients.values()])
     k = int(round(p["keep"] * flat.numel()))
@@ -273,7 +277,7 @@ def _topk(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observat
     return _replace(obs, out, {"name": "topk", "keep": p["keep"]})
 
 
-@defense("mask", "zero each entry independently with probability `ratio` (random masking)", "ratio", ratio=Param(0.5, 0.0, 1.0))
+@defense("mask", "zero each entry independently with probability `ratio` (random masking)", "ratio", zeroes=True, ratio=Param(0.5, 0.0, 1.0))
 def _mask(obs: Observation, p: dict[str, float], ctx: ClientContext) -> Observation:
     ratio = p["ratio"]
     out = _map(obs, lambda g: g * (torch.rand(g.shape, generator=ctx.generator) >= ratio).to(g.dtype))
@@ -366,6 +370,15 @@ def noise_variance(observation: Observation) -> float:
         if record.get("name") in NOISE_RULES:
             variance = NOISE_RULES.get(record["name"])(variance, record, observation.batch_size, observation.reduction)
     return variance
+
+
+def zeroed_by(observation: Observation) -> list[str]:
+    """The recorded defenses that dropped entries by writing exact zeros (prune, topk, mask), in order.
+
+    Read from `extra["defenses"]`, like `noise_variance`: an attacker who knows the protocol knows
+    that the update's exact zeros are the client's, not the gradient's.
+    """
+    return [r["name"] for r in observation.extra.get("defenses", []) if r.get("name") in DEFENSES and DEFENSES.get(r["name"]).zeroes]
 
 
 def apply(observation: Observation, spec: str | list[Step], context: ClientContext) -> Observation:

@@ -18,7 +18,7 @@ import torch
 from leakkit.errors import AttackDiverged, ConfigError, ObservationMismatch
 from leakkit.engine.labels import LABELS
 from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
-from leakkit.client.defenses import noise_variance
+from leakkit.client.defenses import noise_variance, zeroed_by
 from leakkit.client.observation import Observation
 from leakkit.engine.optimizers import OPTIMIZERS, SCHEDULES
 from leakkit.engine.priors import PRIORS, Prior
@@ -47,8 +47,10 @@ class AttackConfig:
     feature_weight: weight of matching each example's output-layer input to the values solved from
     the output layer's gradient (`analytic.linear_layer_inputs`); 0 = off. Batches need fixed labels;
     for batch size 1 the solve is exact and label-free.
-    ignore_zeros: match only the entries the update does not hold as exactly 0 (an attacker who
-    knows the client prunes or sparsifies).
+    ignore_zeros: match only the entries the update does not hold as exactly 0, whatever its
+    metadata says.
+    prune_aware: the same, when the update's metadata records a defense that writes exact zeros
+    (prune, topk, mask); false models an attacker who matches the client's zeros as gradient values.
     noise_aware: when the update's metadata records added noise (noise, laplace, clip-noise), weigh
     a total-variation prior by the noise energy (variance x matched entries) on image-shaped inputs,
     unless the recipe sets `priors.tv` itself; false models an attacker who does not know the noise.
@@ -77,6 +79,7 @@ class AttackConfig:
     patience: int = 50
     precision: str = "float64"
     ignore_zeros: bool = False
+    prune_aware: bool = True
     noise_aware: bool = True
 
     def validate(self) -> None:
@@ -208,11 +211,12 @@ def reconstruct(
     if attack.noise_aware:
         priors += _noise_priors(work, observation, target, attack, notes)
     features = _feature_targets(work, observation, fixed, dtype, device) if attack.feature_weight > 0 else None
+    kept = [(t != 0).to(dtype) for t in target] if attack.ignore_zeros or _prune_aware(observation, attack, notes) else None
 
     problem = _Problem(
         work, observation.reduction, target, objective, weights, options, priors, features,
         attack.feature_weight, observation.batch_size, fedavg,
-        [(t != 0).to(dtype) for t in target] if attack.ignore_zeros else None,
+        kept,
         [i for i, n in enumerate(matched) if n in observation.gradients] if withheld else None,
     )
     started = time.perf_counter()
@@ -291,6 +295,15 @@ def _noise_priors(task: Task, observation: Observation, target: list[torch.Tenso
     weight = variance * sum(t.numel() for t in target)
     notes.append(f"noise-aware attacker: total-variation prior {weight:.3g} (noise variance {variance:.2e} from the update's metadata); attack.noise_aware=false turns it off")
     return [(PRIORS.get("tv"), weight)]
+
+
+def _prune_aware(observation: Observation, attack: AttackConfig, notes: list[str]) -> bool:
+    """Whether to skip the update's exact zeros because its metadata says a defense wrote them
+    (against the naive match, seed 0: pruning 0.1 stopped 8 of 8 images; skipping the zeros, none)."""
+    zeroing = zeroed_by(observation) if attack.prune_aware else []
+    if zeroing:
+        notes.append(f"pruning-aware attacker: the update's exact zeros are skipped ({', '.join(zeroing)} in its metadata); attack.prune_aware=false matches them")
+    return bool(zeroing)
 
 
 @dataclass

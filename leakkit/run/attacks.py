@@ -84,13 +84,13 @@ _DLG = ("Zhu, Liu, Han, Deep Leakage from Gradients, NeurIPS 2019; Geiping et al
 
 @register_attack("match", modality="image", paper=_DLG,
                  description=_MATCH)
-def _match_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (), **options: Any) -> Any:
+def _match_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (), closed_form: Any = None, **options: Any) -> Any:
     from leakkit.engine.matching import reconstruct
 
     if recipe.attack.start != "closed-form":
         return reconstruct(task, observation, recipe.attack, callbacks=callbacks, **options)
     started = time.perf_counter()
-    start, labels, note = _closed_form_start(task, observation)
+    start, labels, note = _closed_form_start(closed_form or _closed_form(task, observation))
     offset = time.perf_counter() - started
     # the closed-form solve is part of the attack: its seconds count in the step times and the total
     recovery = reconstruct(task, observation, recipe.attack, start=start, start_labels=labels,
@@ -100,13 +100,36 @@ def _match_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = 
     return dataclasses.replace(recovery, seconds=recovery.seconds + offset)
 
 
-def _closed_form_start(task: Any, observation: Any) -> tuple[Any, Any, str | None]:
-    """R-GAP's recovery (inputs, labels) as the engine's first start, or (None, None, why not) where the
-    closed form does not apply."""
+def _closed_form(task: Any, observation: Any) -> Callable[[], Any]:
+    """R-GAP on this update, solved at the first call and kept: `auto`'s candidates share one solve
+    (the rgap candidate's recovery, or idlg's and dlg's start) instead of three.
+
+    The callable returns the recovery, or raises the ConfigError that says why the closed form does
+    not apply, each time it is called.
+    """
     from leakkit.vision.rgap import rgap_attack
 
+    @functools.cache
+    def solve() -> tuple[Any, ConfigError | None]:
+        try:
+            return rgap_attack(task, observation), None
+        except ConfigError as e:
+            return None, e
+
+    def recovery() -> Any:
+        result, error = solve()
+        if error is not None:
+            raise error
+        return result
+
+    return recovery
+
+
+def _closed_form_start(closed_form: Callable[[], Any]) -> tuple[Any, Any, str | None]:
+    """R-GAP's recovery (inputs, labels) as the engine's first start, or (None, None, why not) where the
+    closed form does not apply."""
     try:
-        recovery = rgap_attack(task, observation)
+        recovery = closed_form()
         return recovery.inputs, recovery.labels, None
     except ConfigError as e:
         return None, None, f"attack.start=closed-form: the closed form does not apply ({e}); the first restart starts at attack.init"
@@ -130,10 +153,13 @@ def _exact_text(task: Any, observation: Any, recipe: Any, **options: Any) -> Any
 
 @register_attack("rgap", modality="image", paper="Zhu, Blaschko, R-GAP, ICLR 2021; R-CONV, 2024", iterative=False,
                  description="closed-form recovery of one image, layer by layer from the output back (no optimisation)")
-def _rgap_images(task: Any, observation: Any, recipe: Any, **options: Any) -> Any:
-    from leakkit.vision.rgap import rgap_attack
+def _rgap_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (), closed_form: Any = None, **options: Any) -> Any:
+    from leakkit.engine.matching import StepEvent
 
-    return rgap_attack(task, observation, callbacks=options.get("callbacks", ()))
+    recovery = (closed_form or _closed_form(task, observation))()
+    for callback in callbacks:  # one step: the solution
+        callback(StepEvent(0, 1, 0, 0, recovery.distance, recovery.seconds, recovery.inputs))
+    return recovery
 
 
 @register_attack("auto", modality="image", paper="the strategy of Croce & Hein, AutoAttack, ICML 2020",
@@ -143,9 +169,11 @@ def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (
     from leakkit.vision.determinacy import determined_in_general
 
     started = time.perf_counter()
-    best, tried = None, []
+    best, tried = None, {}
     # the count runs once per update, and only if a candidate's table asks for it
     determined = functools.cache(lambda: determined_in_general(task, observation.batch_size))
+    # one R-GAP solve per update, whichever candidate needs it first (rgap itself, or idlg's start)
+    closed_form = _closed_form(task, observation)
 
     for name in recipe.choice.candidates:
         member = recipe.attacked_as(name, batch_size=observation.batch_size, local_steps=observation.local_steps,
@@ -157,21 +185,24 @@ def _auto_images(task: Any, observation: Any, recipe: Any, *, callbacks: Any = (
         # step times count from the start of `auto`, so time-to-success includes the candidates before
         shifted = [_shift(cb, offset) for cb in callbacks]
         try:
-            recovery = attack_for(member.method, "image")(task, observation, member, callbacks=shifted, **options)
+            recovery = attack_for(member.method, "image")(task, observation, member, callbacks=shifted,
+                                                          closed_form=closed_form, **options)
         except ConfigError as e:  # e.g. iDLG's label rule on a batch: that attack does not apply here
-            tried.append(f"{name}: not applicable ({e})")
+            tried[name] = f"not applicable ({e})"
             continue
         except AttackDiverged:
-            tried.append(f"{name}: diverged")
+            tried[name] = "diverged"
             continue
-        tried.append(f"{name}: {recovery.distance:.2e}")
+        tried[name] = recovery.distance
         if best is None or recovery.distance < best.distance:
             best = dataclasses.replace(recovery, attack=name)
         if recovery.status == "converged" or recovery.distance <= recipe.attack.stop_distance:
             break  # the gradient is matched to the stop distance: the rest cannot do better by much
     if best is None:
-        raise AttackDiverged("no candidate attack applied or converged: " + "; ".join(tried))
-    return dataclasses.replace(best, seconds=time.perf_counter() - started)
+        raise AttackDiverged("no candidate attack applied or converged: " + "; ".join(f"{k}: {v}" for k, v in tried.items()))
+    # what each candidate reached (or why it did not run): the run's `attack_report` per example
+    report = {**(best.report or {}), "candidates": tried}
+    return dataclasses.replace(best, seconds=time.perf_counter() - started, report=report)
 
 
 def _shift(callback: Callable[[Any], None], offset: float) -> Callable[[Any], None]:

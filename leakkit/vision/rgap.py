@@ -35,7 +35,7 @@ from torch import nn
 
 from leakkit.client.observation import Observation
 from leakkit.engine import analytic
-from leakkit.engine.matching import Recovery, StepCallback, StepEvent
+from leakkit.engine.matching import Recovery
 from leakkit.engine.objectives import relative_distance
 from leakkit.errors import ConfigError
 from leakkit.registry import Registry
@@ -637,11 +637,11 @@ def invert(
     return Inversion(inputs=h.view(1, *input_shape), label=label, layers=reports)
 
 
-def rgap_attack(task: Task, observation: Observation, *, callbacks: Sequence[StepCallback] = ()) -> Recovery:
+def rgap_attack(task: Task, observation: Observation) -> Recovery:
     """R-GAP as an attack family: the result type of `leakkit.engine.reconstruct`, no settings.
 
     Deterministic (no search, so no seed or attack settings); the solve runs in float64 on the CPU.
-    The callbacks see one step, the solution. The per-layer determinacy report is in `Recovery.report["layers"]`.
+    The per-layer determinacy report is in `Recovery.report["layers"]`.
 
     Raises:
         ConfigError: batch size other than 1, a FedAvg update, or a model outside the closed form.
@@ -663,8 +663,6 @@ def rgap_attack(task: Task, observation: Observation, *, callbacks: Sequence[Ste
     matched = [n for n, _ in work.matched_parameters()]
     distance = relative_distance([p for p, n in zip(pred, matched) if n in grads], [grads[n] for n in names])
     seconds = time.perf_counter() - started
-    for callback in callbacks:
-        callback(StepEvent(0, 1, 0, 0, distance, seconds, x))
     return Recovery(
         inputs=x.to("cpu", torch.float32),
         labels=labels.to(torch.float32),
