@@ -49,6 +49,8 @@ TIER_ROWS: dict[str, tuple[str, list[str], int, int]] = {
     "rgap-b1-seed23": ("rgap", [], 32, 23),
     "dlg-noise-1e-3": ("dlg", ["defense=noise:std=1e-3", "attack.restarts=1"], 32, 11),
     "dlg-noise-1e-2": ("dlg", ["defense=noise:std=1e-2", "attack.restarts=1"], 16, 11),
+    "auto-noise-1e-3": ("auto", ["defense=noise:std=1e-3", "attack.restarts=1"], 32, 11),  # the same updates as dlg-noise-1e-3
+    "auto-noise-1e-2": ("auto", ["defense=noise:std=1e-2", "attack.restarts=1"], 16, 11),
     "idlg-64px": ("idlg", ["task.image_size=64"], 4, 11),
 }
 BATCH_OVERRIDES = [

@@ -80,6 +80,25 @@ def test_tiers_of_real_recoveries():
     assert metrics.tier(metrics.psnr(im, flat), metrics.ssim(im, flat)) == "none"
 
 
+def test_a_tier_needs_more_than_the_mean_colour():
+    # a near-uniform crop (like the embedded pool's non-face LFW patches): its own mean colour is
+    # already "close" and "recognisable", so a recovery must beat that guess to count
+    im = 0.3 + 0.01 * real_image(32)
+    flat = metrics.flat_guess(im)
+    assert flat.shape == im.shape and np.allclose(flat.mean(axis=(1, 2)), im.mean(axis=(1, 2)))
+    fp, fs = metrics.psnr(im, flat), metrics.ssim(im, flat)
+    assert fp > 40
+    guess = np.clip(flat + 0.005 * np.random.default_rng(0).standard_normal(im.shape), 0, 1)
+    p, s = metrics.psnr(im, guess), metrics.ssim(im, guess)
+    assert metrics.tier(p, s) in ("exact", "close")  # without the baseline it would count
+    assert metrics.tier(p, s, flat_psnr=fp, flat_ssim=fs) == "none"
+    assert metrics.tier_rates([{"psnr": p, "ssim": s, "flat_psnr": fp, "flat_ssim": fs}])["recognisable_rate"] == 0
+    # the image itself beats its mean colour on every measure
+    assert metrics.tier(metrics.psnr(im, im), metrics.ssim(im, im), flat_psnr=fp, flat_ssim=fs) == "exact"
+    assert metrics.tier(35.0, 0.9, flat_psnr=20.0, flat_ssim=0.95) == "close"  # PSNR beats it: SSIM need not
+    assert metrics.tier(25.0, 0.8, flat_psnr=20.0, flat_ssim=0.85) == "none"
+
+
 def test_tier_rates_are_cumulative_with_wilson_intervals():
     rows = [{"tier": "exact"}, {"tier": "close"}, {"psnr": 20.0, "ssim": 0.6}, {"psnr": 10.0, "ssim": 0.1}]
     r = metrics.tier_rates(rows)

@@ -23,7 +23,7 @@ UTILITY: Registry[UtilityFn] = Registry("utility task")
 
 STEPS = 300
 BATCH = 32
-LR = 0.05
+LR = 0.01  # 0.05 (with momentum 0.9) left seed 23's LeNet-sigmoid at chance (loss 2.30 from step 60 on); 0.01 trains seeds 0, 11, 23
 MOMENTUM = 0.9
 
 

@@ -135,6 +135,7 @@ def score_images(task: Task, batch: Batch, recovery: Recovery, recipe: Recipe) -
     rows = []
     for i, s in enumerate(batch.samples):
         j = perm[i]
+        flat = metrics.flat_guess(truth[i])
         rows.append(
             {
                 "name": s.name,
@@ -145,9 +146,13 @@ def score_images(task: Task, batch: Batch, recovery: Recovery, recipe: Recipe) -
                 "ssim": metrics.ssim(truth[i], recovered[j]),
                 "mse": metrics.mse(truth[i], recovered[j]),
                 "matched_slot": j,
+                # the mean-colour image's scores: a tier counts only where the recovery beats them
+                "flat_psnr": metrics.psnr(truth[i], flat),
+                "flat_ssim": metrics.ssim(truth[i], flat),
             }
         )
-        rows[-1]["tier"] = metrics.tier(rows[-1]["psnr"], rows[-1]["ssim"], recipe.metrics.tiers())
+        row = rows[-1]
+        row["tier"] = metrics.tier(row["psnr"], row["ssim"], recipe.metrics.tiers(), flat_psnr=row["flat_psnr"], flat_ssim=row["flat_ssim"])
     return rows
 
 
