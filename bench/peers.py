@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from leakkit.errors import ConfigError  # noqa: E402
-from leakkit.metrics import psnr, ssim  # noqa: E402
+from leakkit.metrics import flat_guess, psnr, ssim, tier  # noqa: E402
 from leakkit.run.attacks import ATTACKS  # noqa: E402
 from leakkit.run.config import load_recipe  # noqa: E402
 from leakkit.run.rundir import provenance, write_json  # noqa: E402
@@ -123,10 +123,13 @@ def breaching_ig(breaching: Any, task: Any, observation: Any, steps: int, seed: 
     return result["data"].detach().double(), time.perf_counter() - started
 
 
-def _score(task: Any, pixels: torch.Tensor, inputs: torch.Tensor) -> tuple[float, float]:
+def _score(task: Any, pixels: torch.Tensor, inputs: torch.Tensor) -> dict[str, Any]:
+    """PSNR, SSIM and leakage tier (against the image's flat guess too), as leakkit's runner scores."""
     rec = task.to_pixels(inputs.double())[0].float().numpy()
     truth = pixels[0].float().numpy()
-    return psnr(truth, rec), ssim(truth, rec)
+    flat = flat_guess(truth)
+    p, s = psnr(truth, rec), ssim(truth, rec)
+    return {"psnr": p, "ssim": s, "tier": tier(p, s, flat_psnr=psnr(truth, flat), flat_ssim=ssim(truth, flat))}
 
 
 def bench_model(model: str, images: int, steps: int, seed: int, breaching: Any) -> dict[str, Any]:
@@ -149,11 +152,9 @@ def bench_model(model: str, images: int, steps: int, seed: int, breaching: Any) 
             except ConfigError as e:  # a recipe that does not apply to this model (rgap on a residual network)
                 row[name] = {"error": str(e).splitlines()[0]}
                 continue
-            p, s = _score(task, batch.pixels, recovery.inputs)
-            row[name] = {"psnr": p, "ssim": s, "seconds": recovery.seconds}
+            row[name] = {**_score(task, batch.pixels, recovery.inputs), "seconds": recovery.seconds}
         inputs, seconds = breaching_ig(breaching, task, observation, steps, seed + b)
-        p, s = _score(task, batch.pixels, inputs)
-        row["breaching-ig"] = {"psnr": p, "ssim": s, "seconds": seconds}
+        row["breaching-ig"] = {**_score(task, batch.pixels, inputs), "seconds": seconds}
         rows.append(row)
         print(f"  {model} image {b}: " + ", ".join(
             f"{k} {v['psnr']:.1f} dB" if "psnr" in v else f"{k} n/a" for k, v in row.items() if k != "image"), flush=True)
@@ -165,7 +166,7 @@ def bench_model(model: str, images: int, steps: int, seed: int, breaching: Any) 
                 "n": len(scored),
                 "psnr_median": statistics.median(r["psnr"] for r in scored),
                 "ssim_median": statistics.median(r["ssim"] for r in scored),
-                "recognisable": sum(r["ssim"] >= 0.5 for r in scored) / len(scored),
+                "recognisable": sum(r["tier"] != "none" for r in scored) / len(scored),
                 "seconds_median": statistics.median(r["seconds"] for r in scored),
             }
     return {"model": model, "images": images, "steps": steps, "seed": seed, "summary": summary, "rows": rows}

@@ -257,7 +257,10 @@ def order_from_positions(token_rows: torch.Tensor, position_rows: torch.Tensor, 
     if decoder_span.shape[1]:
         P = P - (P @ decoder_span) @ decoder_span.T
     if P.shape[0] > P.shape[1] - decoder_span.shape[1]:
-        raise InputError("sentence longer than the embedding width: order is not identifiable from the position gradient")
+        raise InputError(
+            f"{P.shape[0]} positions against {P.shape[1] - decoder_span.shape[1]} free directions (embedding width {P.shape[1]} "
+            f"less the tied decoder's span of {decoder_span.shape[1]}, which noise can fill): order is not identifiable from the position gradient"
+        )
     # token_rows = S @ P; P has independent rows, so S = token_rows @ pinv(P)
     return token_rows.double() @ torch.linalg.pinv(P)
 
