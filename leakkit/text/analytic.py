@@ -39,6 +39,9 @@ FIT_TOL = 2e-5
 FIT_SAMPLE = 2048  # word-embedding rows used to fit the tied decoder's span
 LEVERAGE = 0.9  # a sample row above this leverage carries a direction of its own (a token row)
 NOISE_MARGIN = 1.2  # singular values kept above this multiple of the noise's largest one
+# A noisy tied table's token row stands off the decoder span by this many noise stds (per signal
+# direction); MiniLM, SST-2 sentence 1 at std 1e-5: true tokens 0.39-42, the next row 1.2e-3, the 8x cut 2.9e-4.
+NOISY_TOKEN_SIGMAS = 8.0
 # Span checks on a noisy update: with the span cut at the noise's edge, a true input of the random
 # GPT-2-shaped decoder (CoLA, batch 4) lies within 0.03 (first layer) and 0.22 (second layer) of it
 # at noise std 1e-4, a wrong one no closer than 0.34 and 0.41; at 3e-4 they overlap (see bench/text.py).
@@ -203,7 +206,7 @@ class TokenLeak:
     decoder_span: torch.Tensor
 
 
-def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6) -> TokenLeak:
+def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6, noise_std: float = 0.0) -> TokenLeak:
     """Separate the input tokens from a word-embedding gradient [V, d].
 
     Untied (or classification): the non-zero rows. Tied masked LM: every row of the decoder part
@@ -213,6 +216,9 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6) ->
     a token row). Rows with a component off S are then exactly the input tokens, including a
     token that is also a label (its row mixes both parts). One SVD of a FIT_SAMPLE x d matrix per
     pass: well under a second for BERT's 30k-row table.
+
+    noise_std: per-entry std of noise the client added (from the update's metadata). A noisy tied
+    table, declared or found (the clean fit then fills the whole width), goes to `_noisy_tied_leak`.
     """
     g = word_grad.double()
     norms = g.norm(dim=1)
@@ -220,6 +226,8 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6) ->
     if not tied:
         nz = torch.nonzero(used_rows(norms)).flatten()
         return TokenLeak(nz.tolist(), g[nz], torch.zeros(d, 0, dtype=torch.float64))
+    if noise_std > 0:
+        return _noisy_tied_leak(g, norms, noise_std)
     nz = torch.nonzero(norms > 0).flatten()
     unit = (g[nz] / norms[nz, None]).cpu().numpy()
     # tens of thousands of decoder rows repeat the same M directions: a fixed sample spans S
@@ -232,12 +240,41 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6) ->
         if not unique.any() or unique.all():
             break
         sample = sample[~unique]
+    if r >= d:  # every direction looks like the decoder's: noise the metadata did not declare
+        rest = ~used_rows(norms)
+        return _noisy_tied_leak(g, norms, estimate_noise_std(g[rest]) if int(rest.sum()) > d else 0.0)
     basis_np = np.ascontiguousarray(vt[:r].T)
     outliers = np.sqrt(np.clip(1 - ((unit @ basis_np) ** 2).sum(1), 0, None)) > FIT_TOL
     basis = torch.from_numpy(basis_np).to(g)
     rows = nz[torch.from_numpy(outliers)]
     proj = g[rows] - (g[rows] @ basis) @ basis.T
     return TokenLeak(rows.tolist(), proj, basis)
+
+
+def _noisy_tied_leak(g: torch.Tensor, norms: torch.Tensor, noise_std: float) -> TokenLeak:
+    """`token_leak` on a noisy tied table [V, d]: every row is non-zero and the normalised rows fill
+    the width, so the decoder span is cut at the noise's edge instead.
+
+    The candidates are the norm outliers (token, label and likely-predicted rows). The rows below
+    them carry only the decoder's small per-token share plus noise: their directions above the
+    noise edge are the decoder span (those the noise leaves visible). A candidate is a token when,
+    inside the candidates' own signal subspace (also cut at the edge), it stands off that span by
+    more than NOISY_TOKEN_SIGMAS noise stds per direction.
+    """
+    d = g.shape[1]
+    candidates = torch.nonzero(used_rows(norms)).flatten()
+    rest = torch.ones(len(g), dtype=torch.bool)
+    rest[candidates] = False
+    if noise_std <= 0 or not len(candidates) or int(rest.sum()) <= d:
+        return TokenLeak([], g[:0], torch.zeros(d, 0, dtype=torch.float64))
+    decoder = row_span(g[rest], noise_std=noise_std)
+    signal = row_span(g[candidates], noise_std=noise_std)
+    coords = g[candidates] @ signal
+    inside = signal.T @ decoder
+    off = (coords - (coords @ inside) @ inside.T).norm(dim=1)
+    rows = candidates[off > NOISY_TOKEN_SIGMAS * noise_std * math.sqrt(max(signal.shape[1], 1))]
+    proj = g[rows] - (g[rows] @ decoder) @ decoder.T
+    return TokenLeak(rows.tolist(), proj, decoder)
 
 
 # --- order (batch 1) -------------------------------------------------------------------------

@@ -12,12 +12,14 @@ engine's `AttackConfig`.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
 from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
 from leakkit.engine.objectives import relative_distance
@@ -143,13 +145,16 @@ def exact(
     masked_lm = isinstance(work, MaskedLanguageModeling)
     grads = observation.gradients
     wname, pname = work.word_embedding_name(), work.position_embedding_name()
-    leak = ta.token_leak(grads[wname], tied=masked_lm and work.tied_decoder()) if wname in grads else None
+    noise = math.sqrt(noise_variance(observation))  # declared in the update's metadata (0 if none)
+    leak = ta.token_leak(grads[wname], tied=masked_lm and work.tied_decoder(), noise_std=noise) if wname in grads else None
     if leak is None:
         notes.append("word-embedding gradient withheld: candidate tokens are the whole vocabulary")
 
     rows: list[list[int]] | None = None
     if B == 1 and leak is not None and pname and pname in grads:
         positions = ta.nonzero_positions(grads[pname])
+        if not positions:
+            raise InputError("no position-embedding row stands out of the update's noise: the sentence's positions cannot be read")
         S = ta.order_from_positions(leak.input_rows, grads[pname][positions], leak.decoder_span)
         off = float((S - S.round()).abs().max())
         # each position takes the token whose row holds most of it: exact on a clean update, and on
