@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from leakkit.errors import ConfigError  # noqa: E402
-from leakkit.metrics import flat_guess, psnr, ssim, tier  # noqa: E402
+from leakkit.metrics import score_image  # noqa: E402
 from leakkit.run.attacks import ATTACKS  # noqa: E402
 from leakkit.run.config import load_recipe  # noqa: E402
 from leakkit.run.rundir import provenance, write_json  # noqa: E402
@@ -127,9 +127,7 @@ def _score(task: Any, pixels: torch.Tensor, inputs: torch.Tensor) -> dict[str, A
     """PSNR, SSIM and leakage tier (against the image's flat guess too), as leakkit's runner scores."""
     rec = task.to_pixels(inputs.double())[0].float().numpy()
     truth = pixels[0].float().numpy()
-    flat = flat_guess(truth)
-    p, s = psnr(truth, rec), ssim(truth, rec)
-    return {"psnr": p, "ssim": s, "tier": tier(p, s, flat_psnr=psnr(truth, flat), flat_ssim=ssim(truth, flat))}
+    return score_image(truth, rec)
 
 
 def bench_model(model: str, images: int, steps: int, seed: int, breaching: Any) -> dict[str, Any]:

@@ -122,14 +122,30 @@ def tier(
     the flat guess reaches SSIM 0.5 on 51 and 30 dB on 16, at 32 px).
     A missing (None/NaN) score never meets a threshold.
     """
-    beats_psnr = _finite(psnr) and (not _finite(flat_psnr) or psnr > flat_psnr)
-    if beats_psnr and psnr >= thresholds.exact_psnr:
+    if _beats(psnr, flat_psnr) and psnr >= thresholds.exact_psnr:
         return "exact"
-    if beats_psnr and psnr >= thresholds.close_psnr:
+    if _beats(psnr, flat_psnr) and psnr >= thresholds.close_psnr:
         return "close"
-    if _finite(ssim) and ssim >= thresholds.recognisable_ssim and (not _finite(flat_ssim) or ssim > flat_ssim):
+    if _beats(ssim, flat_ssim) and ssim >= thresholds.recognisable_ssim:
         return "recognisable"
     return "none"
+
+
+def _beats(score: float | None, flat: float | None) -> bool:
+    """A finite score above the flat guess's (or no flat score to beat)."""
+    return _finite(score) and (not _finite(flat) or score > flat)
+
+
+def score_image(truth: np.ndarray, recovered: np.ndarray, thresholds: TierThresholds = DEFAULT_TIERS) -> dict[str, Any]:
+    """One recovered C x H x W image against the truth: psnr, ssim, mse, the flat guess's
+    flat_psnr and flat_ssim, and the tier those give."""
+    flat = flat_guess(truth)
+    row: dict[str, Any] = {
+        "psnr": psnr(truth, recovered), "ssim": ssim(truth, recovered), "mse": mse(truth, recovered),
+        "flat_psnr": psnr(truth, flat), "flat_ssim": ssim(truth, flat),
+    }
+    row["tier"] = tier(row["psnr"], row["ssim"], thresholds, flat_psnr=row["flat_psnr"], flat_ssim=row["flat_ssim"])
+    return row
 
 
 def tier_rates(rows: Iterable[Mapping[str, Any]], thresholds: TierThresholds = DEFAULT_TIERS) -> dict[str, Any]:

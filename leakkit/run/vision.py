@@ -135,24 +135,17 @@ def score_images(task: Task, batch: Batch, recovery: Recovery, recipe: Recipe) -
     rows = []
     for i, s in enumerate(batch.samples):
         j = perm[i]
-        flat = metrics.flat_guess(truth[i])
         rows.append(
             {
                 "name": s.name,
                 "label": int(batch.labels[i]),
                 "recovered_label": ids[j],
                 "label_correct": ids[j] == int(batch.labels[i]),
-                "psnr": metrics.psnr(truth[i], recovered[j]),
-                "ssim": metrics.ssim(truth[i], recovered[j]),
-                "mse": metrics.mse(truth[i], recovered[j]),
+                # with the flat guess's scores: a tier counts only where the recovery beats them
+                **metrics.score_image(truth[i], recovered[j], recipe.metrics.tiers()),
                 "matched_slot": j,
-                # the mean-colour image's scores: a tier counts only where the recovery beats them
-                "flat_psnr": metrics.psnr(truth[i], flat),
-                "flat_ssim": metrics.ssim(truth[i], flat),
             }
         )
-        row = rows[-1]
-        row["tier"] = metrics.tier(row["psnr"], row["ssim"], recipe.metrics.tiers(), flat_psnr=row["flat_psnr"], flat_ssim=row["flat_ssim"])
     return rows
 
 

@@ -241,17 +241,18 @@ def token_leak(word_grad: torch.Tensor, *, tied: bool, rel_tol: float = 1e-6, no
             break
         sample = sample[~unique]
     if r >= d:  # every direction looks like the decoder's: noise the metadata did not declare
-        rest = ~used_rows(norms)
-        return _noisy_tied_leak(g, norms, estimate_noise_std(g[rest]) if int(rest.sum()) > d else 0.0)
+        return _noisy_tied_leak(g, norms, None)
     basis_np = np.ascontiguousarray(vt[:r].T)
     outliers = np.sqrt(np.clip(1 - ((unit @ basis_np) ** 2).sum(1), 0, None)) > FIT_TOL
-    basis = torch.from_numpy(basis_np).to(g)
-    rows = nz[torch.from_numpy(outliers)]
-    proj = g[rows] - (g[rows] @ basis) @ basis.T
-    return TokenLeak(rows.tolist(), proj, basis)
+    return _leak(g, nz[torch.from_numpy(outliers)], torch.from_numpy(basis_np).to(g))
 
 
-def _noisy_tied_leak(g: torch.Tensor, norms: torch.Tensor, noise_std: float) -> TokenLeak:
+def _leak(g: torch.Tensor, rows: torch.Tensor, decoder: torch.Tensor) -> TokenLeak:
+    """The token rows of table `g`, their input parts projected off the decoder span [d, M]."""
+    return TokenLeak(rows.tolist(), g[rows] - (g[rows] @ decoder) @ decoder.T, decoder)
+
+
+def _noisy_tied_leak(g: torch.Tensor, norms: torch.Tensor, noise_std: float | None) -> TokenLeak:
     """`token_leak` on a noisy tied table [V, d]: every row is non-zero and the normalised rows fill
     the width, so the decoder span is cut at the noise's edge instead.
 
@@ -259,22 +260,26 @@ def _noisy_tied_leak(g: torch.Tensor, norms: torch.Tensor, noise_std: float) -> 
     them carry only the decoder's small per-token share plus noise: their directions above the
     noise edge are the decoder span (those the noise leaves visible). A candidate is a token when,
     inside the candidates' own signal subspace (also cut at the edge), it stands off that span by
-    more than NOISY_TOKEN_SIGMAS noise stds per direction.
+    more than NOISY_TOKEN_SIGMAS noise stds per direction. noise_std None: estimated from the rows
+    below the candidates.
     """
     d = g.shape[1]
     candidates = torch.nonzero(used_rows(norms)).flatten()
     rest = torch.ones(len(g), dtype=torch.bool)
     rest[candidates] = False
-    if noise_std <= 0 or not len(candidates) or int(rest.sum()) <= d:
-        return TokenLeak([], g[:0], torch.zeros(d, 0, dtype=torch.float64))
+    nothing = TokenLeak([], g[:0], torch.zeros(d, 0, dtype=torch.float64))
+    if not len(candidates) or int(rest.sum()) <= d:
+        return nothing
+    if noise_std is None:
+        noise_std = estimate_noise_std(g[rest])
+    if noise_std <= 0:
+        return nothing
     decoder = row_span(g[rest], noise_std=noise_std)
     signal = row_span(g[candidates], noise_std=noise_std)
     coords = g[candidates] @ signal
     inside = signal.T @ decoder
     off = (coords - (coords @ inside) @ inside.T).norm(dim=1)
-    rows = candidates[off > NOISY_TOKEN_SIGMAS * noise_std * math.sqrt(max(signal.shape[1], 1))]
-    proj = g[rows] - (g[rows] @ decoder) @ decoder.T
-    return TokenLeak(rows.tolist(), proj, decoder)
+    return _leak(g, candidates[off > NOISY_TOKEN_SIGMAS * noise_std * math.sqrt(max(signal.shape[1], 1))], decoder)
 
 
 # --- order (batch 1) -------------------------------------------------------------------------
