@@ -17,7 +17,7 @@ Rows (name: recipe and overrides):
   bert-base        bert-exact on a randomly initialised bert-base-shaped masked LM (seconds, peak memory)
   held out (nothing was tuned on these sentences):
   mlm-sst2         bert-exact, masked LM, batch 1 (seconds per sentence)
-  cls-sst2-b4 / mlm-sst2-b4   encoder batches of 4 (the span-scored sentence search)
+  cls-sst2-b4 / mlm-sst2-b4   encoder batches of 4 (the beam sentence search)
   cls-noise-1e-4 / -1e-3      classification, batch 1, Gaussian noise on the update
   cls-frozen-sst2 / -b4       classification with word and position embedding gradients withheld
   dec-frozen-sst2-b4          decoder-exact with the word-embedding gradient withheld (vocabulary scan)
@@ -59,8 +59,8 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
     "lamp": ("lamp-bert-cls", "cola", [], 3),
     # held out: nothing below was tuned on SST-2 or Rotten Tomatoes
     "mlm-sst2": ("bert-exact", "sst2", [], 50),
-    "cls-sst2-b4": ("bert-exact", "sst2", ["task.name=sequence-classification", "data.batch_size=4"], 16),
-    "mlm-sst2-b4": ("bert-exact", "sst2", ["data.batch_size=4"], 16),
+    "cls-sst2-b4": ("bert-exact", "sst2", ["task.name=sequence-classification", "data.batch_size=4"], 32),
+    "mlm-sst2-b4": ("bert-exact", "sst2", ["data.batch_size=4"], 32),
     "cls-noise-1e-4": ("bert-exact", "sst2", ["task.name=sequence-classification", "defense=noise:std=1e-4"], 30),
     "cls-noise-1e-3": ("bert-exact", "sst2", ["task.name=sequence-classification", "defense=noise:std=1e-3"], 30),
     "cls-frozen-sst2": ("bert-exact", "sst2", ["task.name=sequence-classification", "task.frozen=word_embeddings,position_embeddings"], 20),

@@ -449,3 +449,22 @@ def test_audit_without_utility_data_says_why_and_a_missing_file_is_one_line(cls_
     assert_one_line_error(run_cli(*base, f"utility.data={tmp_path / 'nowhere.tsv'}", "--out", str(tmp_path / "b")), "no such file")
     # a trained 2-class head and the recipe's class count disagree: one line that says which to set
     assert_one_line_error(run_cli(*base[:3], "task.num_classes=5", *base[4:], "--out", str(tmp_path / "c")), "task.num_classes=2")
+
+
+def test_encoder_batch_of_four_is_split_where_the_first_layer_lets_many_tokens_through() -> None:
+    """MiniLM, classification, four shipped sentences: a token seen at two positions makes the first
+    layer pass up to 5 tokens per position; the old one-restart-at-a-time search found 3 of the 4."""
+    from leakkit.run.config import load_recipe
+    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.text.data import embedded
+
+    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "data.batch_size=4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = build_text(recipe, seed=0)
+    batch = make_text_batch(task, embedded()[12:16], seed=3)
+    obs = client_update(task, batch, recipe)
+    rec = exact(task, obs)
+    want = sorted(batch.input_ids[i, :L].tolist() for i, L in enumerate(batch.layout.lengths))
+    assert sorted(rec.token_ids) == want
+    assert rec.status == "exact" and not any("closest" in n for n in rec.notes)

@@ -356,6 +356,11 @@ def position_candidates(
     """For each position j, the tokens t whose first-layer input x(t, j) lies in the span the first
     attention layer's gradient reveals. Positions are scanned until one has no candidate.
 
+    In a batch this is a superset: when one token sits at positions i and j, the span holds (up to
+    LayerNorm's small curvature) the difference of the two position embeddings, so every token at i
+    also passes at j. An encoder batch of 4 gives up to ~40 candidates per position, the separator
+    at positions where no sentence ends among them (`leakkit.text.attack.assemble` sorts them out).
+
     Args:
         tokens: token ids to test (None: the whole vocabulary, for withheld word-embedding gradients).
         n_max: positions to scan (default: the model's limit).
@@ -414,14 +419,18 @@ def group_available(observation: Observation, group: list[str]) -> bool:
     return all(w in observation.gradients for w in _weights(group))
 
 
-def layer_residual(task: Any, observation: Observation, layer: int, input_ids: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def layer_residual(
+    task: Any, observation: Observation, layer: int, input_ids: torch.Tensor, lengths: Sequence[int], *, mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-example mean span residual of attention layer `layer`'s inputs, for candidate sentences.
 
     Args:
         input_ids: [S, n] candidate sentences (padded).
         lengths: [S] their lengths.
+        mask: [S, n] attention mask to use instead of the lengths' (1 = a known token; a partial
+            sentence keeps its tokens at their absolute positions and hides the unknown ones).
     Returns:
-        [S] mean relative residual over each sentence's real positions (0 for the true sentences).
+        [S] mean relative residual over each sentence's attended positions (0 for the true sentences).
     """
     groups = attention_groups(task)
     key = ("span", layer)
@@ -430,7 +439,9 @@ def layer_residual(task: Any, observation: Observation, layer: int, input_ids: t
         cache[key] = (observation, input_span(observation, _weights(groups[layer]), model=task.model))
     basis = cache[key][1]
     n = input_ids.shape[1]
-    mask = torch.stack([torch.arange(n) < L for L in lengths]).long().to(input_ids.device)
+    if mask is None:
+        mask = torch.stack([torch.arange(n) < L for L in lengths]).long()
+    mask = mask.to(input_ids.device)
     x = capture_input(task.model, groups[layer][0], input_ids=input_ids, attention_mask=mask)
     res = span_residual(x, basis.to(x.device)).cpu()
     m = mask.cpu().double()

@@ -57,6 +57,12 @@ class TextRecovery:
     notes: list[str] = field(default_factory=list)
 
 
+# hypotheses the encoder sentence search may score (about a minute on 2 cores for MiniLM)
+ASSEMBLE_BUDGET = 150_000
+BEAM_PER_SENTENCE = 16  # partial sentences the encoder search keeps per sentence of the batch
+BEAM_PER_PARENT = 4  # of which at most this many extend the same partial sentence
+
+
 @dataclass
 class TextAttackSettings:
     """The text attacks' own options; a recipe sets them under `[attack]` (or `[text]`).
@@ -65,13 +71,15 @@ class TextAttackSettings:
     "soft-tokens" (per position, a softmax mixture of the tokens the word-embedding gradient leaks:
     the candidate's own word-embedding gradient is then matched too, and decoding is the argmax);
     decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
-    word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off).
+    word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off);
+    search_budget: hypotheses the exact attack's encoder batch search may score (time for success).
     """
 
     space: str = "embeddings"
     decoder: str = "cosine"
     restrict_tokens: bool = False
     discrete_steps: int = 0
+    search_budget: int = ASSEMBLE_BUDGET
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names or out-of-range numbers."""
@@ -80,6 +88,8 @@ class TextAttackSettings:
         TOKEN_DECODERS.get(self.decoder)
         if self.discrete_steps < 0:
             raise ConfigError("attack.discrete_steps must be 0 (off) or positive")
+        if self.search_budget < 1:
+            raise ConfigError("attack.search_budget must be at least 1 hypothesis")
 
 
 def _received(task: TextTask, observation: Observation, method: str) -> Observation:
@@ -122,14 +132,12 @@ def _fill_labels(input_ids: torch.Tensor, lengths: list[int], labels: torch.Tens
     return out
 
 
-ASSEMBLE_BUDGET = 20_000
-
 # --- exact -------------------------------------------------------------------------------------
 def exact(
     task: TextTask, observation: Observation, attack: AttackConfig | None = None, text: TextAttackSettings | None = None, *,
     seed: int = 0, device: str = "cpu", callbacks: Sequence[StepCallback] = (),
 ) -> TextRecovery:
-    """Sentences (and labels) from analytic leaks alone; `attack`/`text` are unused (uniform signature).
+    """Sentences (and labels) from analytic leaks alone; of `attack`/`text` only `text.search_budget` is used.
 
     Raises:
         ConfigError: a FedAvg update, or neither the first attention layer's nor the embedding gradients shared.
@@ -170,7 +178,8 @@ def exact(
         candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None)  # type: ignore[arg-type]
         if not candidates:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
-        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes)  # type: ignore[arg-type]
+        budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
+        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget)  # type: ignore[arg-type]
         del finder
     input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
@@ -247,75 +256,45 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
 
 def assemble(
     task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str],
-    restarts: int = 24, budget: int = ASSEMBLE_BUDGET,
+    budget: int = ASSEMBLE_BUDGET,
 ) -> list[list[int]]:
     """Split per-position candidate tokens into `batch` sentences.
 
-    Each sentence ends at a position holding the separator; a hypothesis is scored by how far its
-    second attention layer's inputs lie from the span that layer's gradient reveals (zero only for
-    a sentence the client really sent), and improved one position at a time. At most `budget`
-    hypotheses are scored: a defended (noisy) update gives every position many candidates, and
-    the search then returns its closest hypotheses instead of running for hours.
+    A hypothesis is scored by how far its second attention layer's inputs lie from the span that
+    layer's gradient reveals (zero only for a sentence the client really sent). The first layer
+    lets through more tokens per position than the batch holds (a token seen at two positions
+    links them, see `position_candidates`), the separator included, so sentences are grown, not
+    enumerated: a beam from the left, then one from every separator candidate to the left, then
+    a wider one from the left, stopping once `batch` sentences fit; the closest misses are then
+    improved one token at a time. At most `budget` hypotheses are scored: a defended (noisy)
+    update gives every position many candidates, and the search then returns its closest
+    hypotheses instead of running for hours.
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
-    cls, sep = task.boundary_ids()
     groups = ta.attention_groups(task)
     if len(groups) < 2 or not ta.group_available(observation, groups[1]):
         raise ConfigError("splitting a batch into sentences needs the second attention layer's gradient")
-    ends = [j for j, c in enumerate(candidates) if sep in c] or [len(candidates) - 1]
-    gen = torch.Generator().manual_seed(seed)
-    dev = next(task.model.parameters()).device
-    found: dict[tuple[int, ...], float] = {}
-    closest: dict[tuple[int, ...], float] = {}  # every hypothesis the search ended on, with its residual
-
-    scored = 0
-
-    def score(rows: list[list[int]]) -> torch.Tensor:
-        nonlocal scored
-        scored += len(rows)
-        ids, lengths = task.pad(rows)
-        return ta.layer_residual(task, observation, 1, ids.to(dev), lengths)
-
-    for end in ends:
-        if scored >= budget:
-            notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
+    search = _SentenceSearch(task, observation, candidates, batch, budget=budget, seed=seed)
+    width = BEAM_PER_SENTENCE * batch
+    for run in (lambda: search.forward(width), lambda: search.backward(width), lambda: search.forward(4 * width)):
+        if search.done():
             break
-        L = end + 1
-        slots = []
-        for j in range(L):
-            c = candidates[j]
-            if j == 0 and cls is not None and cls in c:
-                c = [cls]
-            elif j == L - 1:
-                c = [sep]
-            else:
-                c = [t for t in c if t not in (sep, cls)] or c
-            slots.append(c)
+        run()
+    for key in sorted((k for k in search.closest if k not in search.found), key=lambda k: search.closest[k])[: 2 * batch]:
+        if search.done():
+            break
+        search.descend(list(key), avoid=[])
+    # two sentences of one length: more descents at the lengths that fit, while the batch is short
+    for L in sorted({len(k) for k in search.found}):
         misses = 0
-        for _ in range(restarts):
-            cur = [s[int(torch.randint(len(s), (), generator=gen))] for s in slots]
-            for _sweep in range(8):
-                changed = False
-                for j, s in enumerate(slots):
-                    if len(s) == 1 or scored >= budget:
-                        continue
-                    trial = [cur[:j] + [t] + cur[j + 1 :] for t in s]
-                    best = int(score(trial).argmin())
-                    if s[best] != cur[j]:
-                        cur[j], changed = s[best], True
-                if not changed:
-                    break
-            residual = float(score([cur])[0])
-            key = tuple(cur)
-            if key not in closest or residual < closest[key]:
-                closest[key] = residual
-            if residual < ta.SPAN_TOL and key not in found:
-                found[key], misses = residual, 0
-            else:
-                misses += 1
-            if misses >= 6 or all(len(s) == 1 for s in slots) or scored >= budget:
-                break
+        while not search.done() and misses < 6:
+            before = len(search.found)
+            search.descend(None, avoid=[k for k in search.found if len(k) == L], length=L)
+            misses = 0 if len(search.found) > before else misses + 1
+    if search.scored >= budget:
+        notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
+    found, closest = search.found, search.closest
     sentences = sorted(found, key=lambda k: found[k])
     if len(sentences) < batch:
         # keep what fits, then the closest misses: an approximate answer beats none
@@ -328,6 +307,142 @@ def assemble(
     elif len(sentences) > batch:
         notes.append(f"{len(sentences)} sentences fit the span for a batch of {batch}; kept the {batch} closest")
     return [list(s) for s in sentences[:batch]]
+
+
+class _SentenceSearch:
+    """The state of `assemble`'s search: hypotheses scored so far, sentences that fit, closest misses."""
+
+    def __init__(self, task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, budget: int, seed: int) -> None:
+        self.task, self.observation, self.candidates, self.batch, self.budget = task, observation, candidates, batch, budget
+        self.cls, self.sep = task.boundary_ids()
+        self.ends = [j for j, c in enumerate(candidates) if self.sep in c] or [len(candidates) - 1]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.dev = next(task.model.parameters()).device
+        self.found: dict[tuple[int, ...], float] = {}
+        self.closest: dict[tuple[int, ...], float] = {}  # every whole hypothesis scored, with its residual
+        self.scored = 0
+
+    def done(self) -> bool:
+        return len(self.found) >= self.batch or self.scored >= self.budget
+
+    def score(self, rows: Sequence[Sequence[int]], *, start: int = 0, chunk: int = 1024) -> torch.Tensor:
+        """Mean residual of each row; `start` > 0: the rows hold positions start.. of a sentence
+        whose positions 1..start-1 are unknown (hidden from attention, a filler holds their place)."""
+        out = []
+        for i in range(0, len(rows), chunk):
+            part = [list(r) for r in rows[i : i + chunk]]
+            self.scored += len(part)
+            if start == 0:
+                ids, lengths = self.task.pad(part)
+                out.append(ta.layer_residual(self.task, self.observation, 1, ids.to(self.dev), lengths))
+                continue
+            n = start + max(len(r) for r in part)
+            filler = self.cls if self.cls is not None else self.sep
+            ids = torch.full((len(part), n), filler, dtype=torch.long)
+            mask = torch.zeros(len(part), n, dtype=torch.long)
+            mask[:, 0] = 1
+            for k, r in enumerate(part):
+                ids[k, start : start + len(r)] = torch.tensor(r)
+                mask[k, start : start + len(r)] = 1
+            out.append(ta.layer_residual(self.task, self.observation, 1, ids.to(self.dev), [], mask=mask))
+        return torch.cat(out)
+
+    def record(self, rows: Sequence[Sequence[int]], residuals: torch.Tensor) -> None:
+        for row, residual in zip(rows, residuals.tolist()):
+            key = tuple(row)
+            self.closest[key] = min(residual, self.closest.get(key, math.inf))
+            if residual < ta.SPAN_TOL:
+                self.found[key] = residual
+
+    def options(self, j: int) -> list[int]:
+        return [t for t in self.candidates[j] if t not in (self.sep, self.cls)]
+
+    def prune(self, children: list[tuple[int, ...]], scores: torch.Tensor, parents: int, per: int, width: int, free: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        """The `width` best children, at most BEAM_PER_PARENT of them from one parent first, so that
+        every sentence keeps a partial sentence in the beam and not only the one that fits best;
+        children in `free` (parts of sentences already found) ride along without taking room."""
+        ranked = scores.argsort().tolist()
+        diverse = {p * per + int(i) for p in range(parents) for i in scores[p * per : (p + 1) * per].argsort()[:BEAM_PER_PARENT]}
+        rest = [i for i in ranked if children[i] not in free]
+        kept = [i for i in rest if i in diverse][:width]
+        kept += [i for i in rest if i not in diverse][: width - len(kept)]
+        return [children[i] for i in ranked if children[i] in free] + [children[i] for i in kept]
+
+    def forward(self, width: int) -> None:
+        """Prefixes grown left to right, each scored as if its sentence ended there (a layer-0 head
+        attends mostly near its own position, so a right prefix stays close to the span); a prefix
+        that meets a separator candidate is closed and checked whole."""
+        free = {key[:j] for key in self.found for j in range(1, len(key))}
+        first = self.candidates[0]
+        beam: list[tuple[int, ...]] = [(self.cls,)] if self.cls in first else [(t,) for t in first]
+        for k in range(1, len(self.candidates)):
+            if self.done() or not beam:
+                return
+            if self.sep in self.candidates[k]:
+                whole = [p + (self.sep,) for p in beam]
+                self.record(whole, self.score(whole))
+            options = self.options(k)
+            if not options:
+                return
+            children = [p + (t,) for p in beam for t in options]
+            beam = self.prune(children, self.score(children), len(beam), len(options), width, free)
+
+    def backward(self, width: int) -> None:
+        """Suffixes grown right to left from every separator candidate: a word whose fit needs its
+        right context, which the forward pass lacks, has it here."""
+        free = {key[j:] for key in self.found for j in range(1, len(key))}
+        beam: list[tuple[int, ...]] = []
+        for j in range(max(self.ends), 0, -1):
+            if self.done():
+                return
+            options = self.options(j)
+            children = [(t,) + b for b in beam for t in options]
+            scores = self.score(children, start=j) if children else torch.zeros(0)
+            if j == 1:
+                head = (self.cls,) if self.cls is not None else ()
+                self.record([head + c for c in children], scores)
+                return
+            beam = self.prune(children, scores, len(beam), len(options), width, free) if children else []
+            if j in self.ends:
+                beam.append((self.sep,))
+
+    def descend(self, start: list[int] | None, *, avoid: list[tuple[int, ...]], length: int | None = None) -> None:
+        """Coordinate descent on one whole hypothesis: each position in turn takes its best
+        candidate. `start` None: a random start of `length` tokens, away from `avoid` where the
+        candidates allow it."""
+        if start is None:
+            L = length or len(self.candidates)
+            slots = self.slots(L)
+            start = []
+            for j, c in enumerate(slots):
+                fresh = [t for t in c if all(a[j] != t for a in avoid)] or c
+                start.append(fresh[int(torch.randint(len(fresh), (), generator=self.gen))])
+        cur, slots = list(start), self.slots(len(start))
+        for _sweep in range(8):
+            changed = False
+            for j, c in enumerate(slots):
+                if len(c) == 1 or self.done():
+                    continue
+                best = c[int(self.score([cur[:j] + [t] + cur[j + 1 :] for t in c]).argmin())]
+                if best != cur[j]:
+                    cur[j], changed = best, True
+            if not changed:
+                break
+        self.record([cur], self.score([cur]))
+
+    def slots(self, L: int) -> list[list[int]]:
+        """Each position's candidates for a sentence of length L (separator last, [CLS] first)."""
+        out = []
+        for j in range(L):
+            c = self.candidates[j]
+            if j == 0 and self.cls is not None and self.cls in c:
+                c = [self.cls]
+            elif j == L - 1:
+                c = [self.sep]
+            else:
+                c = self.options(j) or c
+            out.append(c)
+        return out
 
 
 def _captured_forward(task: TextTask, module: torch.nn.Module, input_ids: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
