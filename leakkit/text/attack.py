@@ -284,13 +284,13 @@ def assemble(
     for key in sorted((k for k in search.closest if k not in search.found), key=lambda k: search.closest[k])[: 2 * batch]:
         if search.done():
             break
-        search.descend(list(key), avoid=[])
+        search.descend(list(key))
     # two sentences of one length: more descents at the lengths that fit, while the batch is short
     for L in sorted({len(k) for k in search.found}):
         misses = 0
         while not search.done() and misses < 6:
             before = len(search.found)
-            search.descend(None, avoid=[k for k in search.found if len(k) == L], length=L)
+            search.descend(search.random_start(L, [k for k in search.found if len(k) == L]))
             misses = 0 if len(search.found) > before else misses + 1
     if search.scored >= budget:
         notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
@@ -406,17 +406,16 @@ class _SentenceSearch:
             if j in self.ends:
                 beam.append((self.sep,))
 
-    def descend(self, start: list[int] | None, *, avoid: list[tuple[int, ...]], length: int | None = None) -> None:
-        """Coordinate descent on one whole hypothesis: each position in turn takes its best
-        candidate. `start` None: a random start of `length` tokens, away from `avoid` where the
-        candidates allow it."""
-        if start is None:
-            L = length or len(self.candidates)
-            slots = self.slots(L)
-            start = []
-            for j, c in enumerate(slots):
-                fresh = [t for t in c if all(a[j] != t for a in avoid)] or c
-                start.append(fresh[int(torch.randint(len(fresh), (), generator=self.gen))])
+    def random_start(self, L: int, avoid: list[tuple[int, ...]]) -> list[int]:
+        """A random hypothesis of L tokens, away from the sentences in `avoid` where the candidates allow it."""
+        start = []
+        for j, c in enumerate(self.slots(L)):
+            fresh = [t for t in c if all(a[j] != t for a in avoid)] or c
+            start.append(fresh[int(torch.randint(len(fresh), (), generator=self.gen))])
+        return start
+
+    def descend(self, start: list[int]) -> None:
+        """Coordinate descent on one whole hypothesis: each position in turn takes its best candidate."""
         cur, slots = list(start), self.slots(len(start))
         for _sweep in range(8):
             changed = False
