@@ -119,6 +119,23 @@ def test_masking_follows_bert(mlm_dir: Path) -> None:
     assert torch.equal(inputs[~chosen], ids[~chosen])
 
 
+def test_attacker_copy_is_float64_keeps_tied_weights_and_leaves_the_users_model_alone(mlm_dir: Path) -> None:
+    task = _task("masked-lm", mlm_dir)
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    work = task.copy_to(dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in work.model.parameters())
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())
+    assert work.model.get_output_embeddings().weight is work.model.get_input_embeddings().weight  # tied stays tied
+    assert work.model.get_input_embeddings().weight is not task.model.get_input_embeddings().weight
+    with torch.no_grad():
+        work.model.get_input_embeddings().weight.add_(1.0)
+    assert all(torch.equal(p, before[n]) for n, p in task.model.named_parameters())
+    ids, _ = task.tokenize(cola(1))
+    with torch.no_grad():
+        work = task.copy_to(dtype=torch.float64, device="cpu")
+        assert torch.allclose(work.model(input_ids=ids).logits.float(), task.model(input_ids=ids).logits, atol=1e-4)
+
+
 def test_attacker_loss_on_embeddings_equals_victim_loss(mlm_dir: Path) -> None:
     task = _task("masked-lm", mlm_dir)
     batch = task.make_batch(cola(2), generator=torch.Generator().manual_seed(0))

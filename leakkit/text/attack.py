@@ -116,7 +116,7 @@ def gradient_distance(task: TextTask, observation: Observation, input_ids: torch
     dev = next(work.model.parameters()).device
     names = [n for n, _ in work.matched_parameters()]
     grads = work.gradients(input_ids.to(dev), labels.to(dev), reduction=observation.reduction, matched=True)
-    target = [observation.gradients[n].to(grads[0]) for n in names]
+    target = [observation.gradients[n].to(dev) for n in names]  # mixed precision: the difference widens on the fly, no float64 copy
     return relative_distance(grads, target)
 
 
