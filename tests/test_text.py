@@ -485,3 +485,22 @@ def test_encoder_batch_of_four_is_split_where_the_first_layer_lets_many_tokens_t
     want = sorted(batch.input_ids[i, :L].tolist() for i, L in enumerate(batch.layout.lengths))
     assert sorted(rec.token_ids) == want
     assert rec.status == "exact" and not any("closest" in n for n in rec.notes)
+
+
+def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_every_token() -> None:
+    """MiniLM, classification, batch 2, noise std 1e-5: the spans used to be fitted without the noise,
+    so they filled the width, every hypothesis fitted and the first two fragments were returned."""
+    from leakkit.run.config import load_recipe
+    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.text.data import embedded
+
+    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "data.batch_size=2", "defense=noise:std=1e-5"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = build_text(recipe, seed=0)
+    batch = make_text_batch(task, embedded()[2:4], seed=3)
+    rec = exact(task, client_update(task, batch, recipe), text=TextAttackSettings(search_budget=20_000))
+    want = sorted(batch.input_ids[i, :L].tolist() for i, L in enumerate(batch.layout.lengths))
+    assert sorted(rec.token_ids) == want
+    assert any("noise std 1e-05 from the update's metadata" in n for n in rec.notes)
+    assert any("closest distinct hypotheses" in n for n in rec.notes)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from leakkit.errors import InputError
+from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
 
 # Relative residual below which a vector counts as inside a gradient's input span. Float32
@@ -113,6 +114,26 @@ def input_span(
     """Span of the inputs of the linear layers `weight_names` (all fed the same tensor); with
     noise_std, only the directions that stand above the noise (see `row_span`)."""
     return row_span(stacked_rows(observation, weight_names, model=model), rel_tol=rel_tol, noise_std=noise_std)
+
+
+def update_noise(task: Any, observation: Observation, notes: list[str]) -> float:
+    """Per-entry noise std of the update: from its metadata (the recorded defenses), else estimated
+    from the second attention layer's gradient when that is full rank (a clean one has low rank)."""
+    recorded = math.sqrt(noise_variance(observation))
+    if recorded > 0:
+        notes.append(f"noise std {recorded:.3g} from the update's metadata: spans keep the directions above it, "
+                     "candidates are ranked by their residual, the closest first")
+        return recorded
+    groups = attention_groups(task)
+    if len(groups) < 2 or not group_available(observation, groups[1]):
+        return 0.0
+    M = stacked_rows(observation, _weights(groups[1]), model=task.model)
+    s = torch.linalg.svdvals(M)
+    if s[-1] <= s[0] * 1e-5:
+        return 0.0
+    estimated = estimate_noise_std(M)
+    notes.append(f"the second attention layer's gradient is full rank: noise std estimated from the update as {estimated:.3g}")
+    return estimated
 
 
 def noisy_span_tol(observation: Observation, weight_names: Sequence[str], noise_std: float, *, model: nn.Module | None = None) -> float:
@@ -351,7 +372,7 @@ def infer_layout(task: Any, observation: Observation) -> Any:
 
 def position_candidates(
     task: Any, observation: Observation, *, tokens: Sequence[int] | None, n_max: int | None = None, chunk: int = 2048,
-    noise_std: float = 0.0, tol: float = SPAN_TOL, most: int | None = None,
+    noise_std: float = 0.0, tol: float = SPAN_TOL, most: int | None = None, least: int = 0,
 ) -> list[list[int]]:
     """For each position j, the tokens t whose first-layer input x(t, j) lies in the span the first
     attention layer's gradient reveals. Positions are scanned until one has no candidate.
@@ -367,6 +388,9 @@ def position_candidates(
         noise_std: the update's noise (the span keeps only directions above it).
         tol: largest relative residual that passes (under noise, at most `noisy_span_tol`).
         most: keep at most this many candidates per position, the closest (a noisy update).
+        least: keep at least this many per position, the closest, even above `tol`: under noise a
+            ranking degrades gradually where a threshold stops the scan at the first position
+            whose tokens the noise pushed over it (the scan then runs to `n_max`).
     """
     model = task.model
     groups = attention_groups(task)
@@ -389,11 +413,16 @@ def position_candidates(
             res = span_residual(x[:, j:width], basis.to(dev)).cpu()  # [chunk, width - j]
             for k in range(width - j):
                 keep = res[:, k] < tol
+                if least:
+                    keep[res[:, k].argsort()[:least]] = True
                 hits[k] += zip(res[keep, k].tolist(), ids[keep].tolist())
         for h in hits:
             if not h:
                 return out
-            out.append(sorted(t for _, t in sorted(h)[:most]))
+            h.sort()
+            if least:  # each chunk added its closest: keep those passing, or the `least` closest overall
+                h = h[: max(least, sum(1 for x in h if x[0] < tol))]
+            out.append(sorted(t for _, t in h[:most]))
         j = width
     return out
 
@@ -421,6 +450,7 @@ def group_available(observation: Observation, group: list[str]) -> bool:
 
 def layer_residual(
     task: Any, observation: Observation, layer: int, input_ids: torch.Tensor, lengths: Sequence[int], *, mask: torch.Tensor | None = None,
+    noise_std: float = 0.0,
 ) -> torch.Tensor:
     """Per-example mean span residual of attention layer `layer`'s inputs, for candidate sentences.
 
@@ -429,14 +459,15 @@ def layer_residual(
         lengths: [S] their lengths.
         mask: [S, n] attention mask to use instead of the lengths' (1 = a known token; a partial
             sentence keeps its tokens at their absolute positions and hides the unknown ones).
+        noise_std: the update's noise: the span keeps only the directions above it.
     Returns:
         [S] mean relative residual over each sentence's attended positions (0 for the true sentences).
     """
     groups = attention_groups(task)
-    key = ("span", layer)
+    key = ("span", layer, noise_std)
     cache = task.__dict__.setdefault("_span_cache", {})
     if key not in cache or cache[key][0] is not observation:
-        cache[key] = (observation, input_span(observation, _weights(groups[layer]), model=task.model))
+        cache[key] = (observation, input_span(observation, _weights(groups[layer]), model=task.model, noise_std=noise_std))
     basis = cache[key][1]
     n = input_ids.shape[1]
     if mask is None:

@@ -61,6 +61,7 @@ class TextRecovery:
 ASSEMBLE_BUDGET = 150_000
 BEAM_PER_SENTENCE = 16  # partial sentences the encoder search keeps per sentence of the batch
 BEAM_PER_PARENT = 4  # of which at most this many extend the same partial sentence
+NOISY_CANDIDATES = 4  # tokens ranked per position and sentence of the batch when the update is noisy
 
 
 @dataclass
@@ -175,11 +176,19 @@ def exact(
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
         finder = _span_finder(task, observation, device)
-        candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None)  # type: ignore[arg-type]
+        noise = ta.update_noise(finder, observation, notes)
+        if noise > 0:
+            # every token's residual rises with the noise: rank them at each position of the batch's length
+            positions = ta.nonzero_positions(grads[pname]) if pname and pname in grads else []
+            limit = positions[-1] + 1 if positions else finder.max_length
+            search = dict(n_max=limit, noise_std=noise, tol=ta.NOISY_SPAN_TOL, most=NOISY_CANDIDATES * B, least=NOISY_CANDIDATES * B)
+        else:
+            search = {}
+        candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None, **search)  # type: ignore[arg-type]
         if not candidates:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
         budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
-        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget)  # type: ignore[arg-type]
+        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget, noise_std=noise)  # type: ignore[arg-type]
         del finder
     input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
@@ -209,7 +218,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
     notes: list[str] = []
     B = observation.batch_size
     finder = _span_finder(task, observation, device)  # the final gradient check runs in float64
-    noise = dec.update_noise(finder, observation, notes)  # type: ignore[arg-type]
+    noise = ta.update_noise(finder, observation, notes)  # type: ignore[arg-type]
     if noise > 0:
         # every word-embedding row and position row is non-zero under noise: scan the vocabulary
         tokens, limit, tol, most = None, finder.max_length, ta.NOISY_SPAN_TOL, 4 * B
@@ -256,7 +265,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
 
 def assemble(
     task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str],
-    budget: int = ASSEMBLE_BUDGET,
+    budget: int = ASSEMBLE_BUDGET, noise_std: float = 0.0,
 ) -> list[list[int]]:
     """Split per-position candidate tokens into `batch` sentences.
 
@@ -268,14 +277,16 @@ def assemble(
     a wider one from the left, stopping once `batch` sentences fit; the closest misses are then
     improved one token at a time. At most `budget` hypotheses are scored: a defended (noisy)
     update gives every position many candidates, and the search then returns its closest
-    hypotheses instead of running for hours.
+    hypotheses instead of running for hours. Under noise (`noise_std`) the second layer's span
+    keeps only the directions above it and a sentence fits within a tolerance derived from the
+    noise (`ta.noisy_span_tol`); hypotheses are still ranked by their residual.
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
     groups = ta.attention_groups(task)
     if len(groups) < 2 or not ta.group_available(observation, groups[1]):
         raise ConfigError("splitting a batch into sentences needs the second attention layer's gradient")
-    search = _SentenceSearch(task, observation, candidates, batch, budget=budget, seed=seed)
+    search = _SentenceSearch(task, observation, candidates, batch, budget=budget, seed=seed, noise_std=noise_std)
     width = BEAM_PER_SENTENCE * batch
     for run in (lambda: search.forward(width), lambda: search.backward(width), lambda: search.forward(4 * width)):
         if search.done():
@@ -295,6 +306,8 @@ def assemble(
     if search.scored >= budget:
         notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
     found, closest = search.found, search.closest
+    if noise_std > 0:
+        return _distinct(sorted(closest, key=lambda k: closest[k]), batch, notes)
     sentences = sorted(found, key=lambda k: found[k])
     if len(sentences) < batch:
         # keep what fits, then the closest misses: an approximate answer beats none
@@ -309,11 +322,32 @@ def assemble(
     return [list(s) for s in sentences[:batch]]
 
 
+def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str]) -> list[list[int]]:
+    """The `batch` best of `ranked` hypotheses, skipping any that agree with a kept one at half its
+    positions or more: under noise the variants of one sentence (a token dropped, two swapped)
+    score alike, and without this they would crowd the others out."""
+    kept: list[tuple[int, ...]] = []
+    for h in ranked:
+        if all(sum(a == b for a, b in zip(h, k)) < max(len(h), len(k)) / 2 for k in kept):
+            kept.append(h)
+        if len(kept) == batch:
+            break
+    if not kept:
+        raise InputError("no sentence hypothesis could be formed from the candidates")
+    notes.append(f"noisy update: the {len(kept)} closest distinct hypotheses by the second layer's residual (not verified exact)")
+    return [list(k) for k in kept] + [list(kept[i % len(kept)]) for i in range(batch - len(kept))]
+
+
 class _SentenceSearch:
     """The state of `assemble`'s search: hypotheses scored so far, sentences that fit, closest misses."""
 
-    def __init__(self, task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, budget: int, seed: int) -> None:
+    def __init__(
+        self, task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, budget: int, seed: int, noise_std: float = 0.0,
+    ) -> None:
         self.task, self.observation, self.candidates, self.batch, self.budget = task, observation, candidates, batch, budget
+        self.noise = noise_std
+        second = ta._weights(ta.attention_groups(task)[1])
+        self.tol = ta.noisy_span_tol(observation, second, noise_std, model=task.model) if noise_std > 0 else ta.SPAN_TOL
         self.cls, self.sep = task.boundary_ids()
         self.ends = [j for j, c in enumerate(candidates) if self.sep in c] or [len(candidates) - 1]
         self.gen = torch.Generator().manual_seed(seed)
@@ -323,7 +357,8 @@ class _SentenceSearch:
         self.scored = 0
 
     def done(self) -> bool:
-        return len(self.found) >= self.batch or self.scored >= self.budget
+        # under noise a sentence within the tolerance may still be a near miss: search on, rank at the end
+        return (len(self.found) >= self.batch and not self.noise) or self.scored >= self.budget
 
     def score(self, rows: Sequence[Sequence[int]], *, start: int = 0, chunk: int = 1024) -> torch.Tensor:
         """Mean residual of each row; `start` > 0: the rows hold positions start.. of a sentence
@@ -334,7 +369,7 @@ class _SentenceSearch:
             self.scored += len(part)
             if start == 0:
                 ids, lengths = self.task.pad(part)
-                out.append(ta.layer_residual(self.task, self.observation, 1, ids.to(self.dev), lengths))
+                out.append(ta.layer_residual(self.task, self.observation, 1, ids.to(self.dev), lengths, noise_std=self.noise))
                 continue
             n = start + max(len(r) for r in part)
             filler = self.cls if self.cls is not None else self.sep
@@ -344,14 +379,14 @@ class _SentenceSearch:
             for k, r in enumerate(part):
                 ids[k, start : start + len(r)] = torch.tensor(r)
                 mask[k, start : start + len(r)] = 1
-            out.append(ta.layer_residual(self.task, self.observation, 1, ids.to(self.dev), [], mask=mask))
+            out.append(ta.layer_residual(self.task, self.observation, 1, ids.to(self.dev), [], mask=mask, noise_std=self.noise))
         return torch.cat(out)
 
     def record(self, rows: Sequence[Sequence[int]], residuals: torch.Tensor) -> None:
         for row, residual in zip(rows, residuals.tolist()):
             key = tuple(row)
             self.closest[key] = min(residual, self.closest.get(key, math.inf))
-            if residual < ta.SPAN_TOL:
+            if residual < self.tol:
                 self.found[key] = residual
 
     def options(self, j: int) -> list[int]:

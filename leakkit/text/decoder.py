@@ -214,28 +214,6 @@ def second_layer_span(task: CausalLanguageModeling, observation: Observation, no
     return ta.input_span(observation, ta._weights(groups[1]), model=task.model, noise_std=noise_std)
 
 
-def update_noise(task: CausalLanguageModeling, observation: Observation, notes: list[str]) -> float:
-    """Per-entry noise std of the update: from its metadata (the recorded defenses), else estimated
-    from the second attention layer's gradient when that is full rank (a clean one has low rank)."""
-    from leakkit.client.defenses import noise_variance
-
-    recorded = math.sqrt(noise_variance(observation))
-    if recorded > 0:
-        notes.append(f"noise std {recorded:.3g} from the update's metadata: spans keep the directions above it, "
-                     f"candidates within {ta.NOISY_SPAN_TOL} of them pass, the closest first")
-        return recorded
-    groups = ta.attention_groups(task)
-    if len(groups) < 2 or not ta.group_available(observation, groups[1]):
-        return 0.0
-    M = ta.stacked_rows(observation, ta._weights(groups[1]), model=task.model)
-    s = torch.linalg.svdvals(M)
-    if s[-1] <= s[0] * 1e-5:
-        return 0.0
-    estimated = ta.estimate_noise_std(M)
-    notes.append(f"the second attention layer's gradient is full rank: noise std estimated from the update as {estimated:.3g}")
-    return estimated
-
-
 def position_limit(observation: Observation, task: CausalLanguageModeling) -> int | None:
     """Sequence length read off the position-embedding gradient when it is shared."""
     name = task.position_embedding_name()
@@ -245,4 +223,4 @@ def position_limit(observation: Observation, task: CausalLanguageModeling) -> in
     return None
 
 
-__all__ = ["PrefixSearch", "candidate_tokens", "search", "multiplicities", "position_limit", "update_noise"]
+__all__ = ["PrefixSearch", "candidate_tokens", "search", "multiplicities", "position_limit"]
