@@ -108,6 +108,7 @@ def run_row(name: str, n: int | None, seed: int) -> dict[str, Any]:
         "row": name, "recipe": recipe, "data": data, "overrides": overrides, "batch_size": r.data.batch_size,
         "n": s["n"], "rouge1": s["rouge1_mean"], "rouge2": s["rouge2_mean"], "exact_rate": s["exact_rate"],
         "exact_ci95": s["exact_ci95"], "label_accuracy": s["label_accuracy"], "seconds_per_batch": s["seconds_median"],
+        "verified": s["verified"], "verified_wrong": s["verified_wrong"],
         "seconds_per_sentence": (s["seconds_median"] or 0) / r.data.batch_size, "wall_seconds": round(wall, 1),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "rouge1_at_least_0_9": sum(1 for x in result["samples"] if (x["rouge1"] or 0) >= 0.9) / max(1, len(result["samples"])),
@@ -135,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_row(name, args.n, args.seed))
         write_json(Path(args.out), {"rows": results, "provenance": provenance(seed=args.seed, device="cpu")})
     table = Table(title="leakkit text benchmark (2-core CPU)", title_justify="left")
-    for col in ("row", "data", "B", "n", "ROUGE-1", "R-1 ≥ 0.9", "exact", "95 % CI", "labels", "s/batch", "s/sentence", "peak RSS GiB"):
+    for col in ("row", "data", "B", "n", "ROUGE-1", "R-1 ≥ 0.9", "exact", "95 % CI", "verified", "labels", "s/batch", "s/sentence", "peak RSS GiB"):
         table.add_column(col, justify="right")
     for r in results:
         lo, hi = r["exact_ci95"]
         table.add_row(
             r["row"], r["data"], str(r["batch_size"]), str(r["n"]), f"{r['rouge1']:.3f}", f"{r['rouge1_at_least_0_9']:.0%}",
-            f"{r['exact_rate']:.0%}", f"{lo:.0%}–{hi:.0%}", f"{r['label_accuracy']:.0%}", f"{r['seconds_per_batch']:.1f}",
+            f"{r['exact_rate']:.0%}", f"{lo:.0%}–{hi:.0%}", "-" if r["verified"] is None else str(r["verified"]), f"{r['label_accuracy']:.0%}", f"{r['seconds_per_batch']:.1f}",
             f"{r['seconds_per_sentence']:.2f}", f"{r['peak_rss_gib']:.2f}",
         )
     Console().print(table)

@@ -504,3 +504,25 @@ def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_ev
     assert sorted(rec.token_ids) == want
     assert any("noise std 1e-05 from the update's metadata" in n for n in rec.notes)
     assert any("closest distinct hypotheses" in n for n in rec.notes)
+
+
+def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:
+    """A batch with one wrong token: the whole batch's gradient distance fails, but the three right
+    sentences still fit the update's row spans on their own, and the wrong one does not."""
+    from leakkit.run.config import load_recipe
+    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.text.attack import _attacker_copy, gradient_distance, verify_sentences
+    from leakkit.text.data import embedded
+
+    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "data.batch_size=4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = build_text(recipe, seed=0)
+    batch = make_text_batch(task, embedded()[0:4], seed=0)
+    obs = client_update(task, batch, recipe)
+    work = _attacker_copy(task.sharing(obs), "cpu")
+    ids, lengths = batch.input_ids.clone(), batch.layout.lengths
+    assert verify_sentences(work, obs, ids, lengths, batch.labels) == [True] * 4
+    ids[2, 3] = ids[0, 2] if ids[0, 2] != ids[2, 3] else ids[0, 1]
+    assert gradient_distance(work, obs, ids, lengths, batch.labels) > 1e-3
+    assert verify_sentences(work, obs, ids, lengths, batch.labels) == [True, True, False, True]

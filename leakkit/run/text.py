@@ -144,6 +144,8 @@ def score_text(task: TextTask, batch: TextBatch, recovery: TextRecovery) -> list
                 "exact": refs_ids[i] == recovery.token_ids[j],
                 "label_correct": label_ok,
                 "matched_slot": j,
+                # the attack's own verdict, from the gradient alone (None: it could not tell)
+                "verified": recovery.verified[j] if recovery.verified is not None else None,
             }
         )
     return rows
@@ -160,6 +162,7 @@ def summarize_text(rows: list[dict[str, Any]], *, interrupted: bool = False) -> 
 
     exact = sum(1 for r in rows if r.get("exact"))
     lo, hi = metrics.wilson_interval(exact, n)
+    checked = [r for r in rows if r.get("verified") is not None]
     secs = [r["seconds"] for r in rows if r.get("seconds") is not None]
     return {
         "n": n,
@@ -171,6 +174,9 @@ def summarize_text(rows: list[dict[str, Any]], *, interrupted: bool = False) -> 
         "exact_rate": exact / n if n else None,
         "exact_ci95": [lo, hi],
         "label_accuracy": (sum(1 for r in rows if r.get("label_correct")) / n) if n else None,
+        # sentences the attack itself verified, and of those any that were wrong (none should be)
+        "verified": sum(1 for r in checked if r["verified"]) if checked else None,
+        "verified_wrong": sum(1 for r in checked if r["verified"] and not r.get("exact")) if checked else None,
         "seconds_median": float(statistics.median(secs)) if secs else None,
         "diverged": sum(1 for r in rows if r.get("status") == "diverged"),
         "interrupted": interrupted,
@@ -270,7 +276,7 @@ class TextRun:
         return [
             {"reference": task.decode(tokens.originals[i, :L].tolist()), "recovered": None, "rouge1": None, "rouge2": None,
              "rougeL": None, "token_accuracy": None, "exact": False, "label_correct": False, "matched_slot": None,
-             "name": batch.samples[i].name}
+             "verified": None, "name": batch.samples[i].name}
             for i, L in enumerate(tokens.layout.lengths)
         ]
 

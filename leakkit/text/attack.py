@@ -43,6 +43,8 @@ class TextRecovery:
     token_ids: per sentence, the recovered original tokens (masked positions filled with their labels).
     distance: relative gradient distance of the recovery (matched parameters).
     status: "exact" (distance < EXACT_DISTANCE), "approximate", or the engine's status.
+    verified: per sentence, whether its own recomputed gradient fits the update (`verify_sentences`);
+        None where that cannot be told (a noisy update, the continuous method).
     """
 
     input_ids: torch.Tensor
@@ -55,6 +57,7 @@ class TextRecovery:
     method: str
     trace: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    verified: list[bool] | None = None
 
 
 # hypotheses the encoder sentence search may score (about a minute on 2 cores for MiniLM)
@@ -119,6 +122,53 @@ def gradient_distance(task: TextTask, observation: Observation, input_ids: torch
     grads = work.gradients(input_ids.to(dev), labels.to(dev), reduction=observation.reduction, matched=True)
     target = [observation.gradients[n].to(dev) for n in names]  # mixed precision: the difference widens on the fly, no float64 copy
     return relative_distance(grads, target)
+
+
+VERIFY_TOL = 1e-3  # a sentence's own gradient off the update's row spans: true ones sit below 2e-5 (float32 updates), one wrong token gives 0.1
+
+
+def verify_sentences(
+    task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor,
+) -> list[bool] | None:
+    """Which sentences of a hypothesis are certainly in the batch, each checked on its own.
+
+    A weight matrix's gradient over a batch is the sum of the sentences' gradients, so a sentence
+    the client sent has its own gradient inside the update's row span (the layer's inputs) at
+    every layer; one wrong token moves it out at the first layer that sees it, and every layer
+    after. The sentence's gradient is recomputed alone and checked at every shared 2-D weight
+    whose row span does not fill its width (a batch with more tokens than the layer is wide tells
+    nothing there). The column side (backpropagated errors) is not used: the update's smallest
+    error directions fall below any rank cut that float32 allows, and a true sentence has parts there.
+    Labels are not verified here (the whole batch's gradient distance does that).
+
+    Shape:
+        input_ids [B, n], labels [B] or [B, n] (masked LM, -100 where unlabelled).
+    Returns:
+        [B] verdicts, or None when no shared weight has a span narrower than its width.
+    """
+    names = [n for n, p in task.matched_parameters() if p.dim() == 2 and "embeddings" not in n]
+    spans: dict[str, torch.Tensor] = {}
+    for n in names:
+        basis = ta.row_span(observation.gradients[n])
+        if basis.shape[1] < basis.shape[0]:
+            spans[n] = basis
+    if not spans:
+        return None
+    params = dict(task.matched_parameters())
+    out = []
+    for b, L in enumerate(lengths):
+        one = task.with_layout(TextLayout(lengths=[L]))
+        dev = next(one.model.parameters()).device
+        label = labels[b : b + 1, :L] if labels.dim() == 2 else labels[b : b + 1]
+        loss = one.loss(input_ids[b : b + 1, :L].to(dev), label.to(dev), reduction="sum")
+        grads = torch.autograd.grad(loss, [params[n] for n in spans])
+        worst = 0.0
+        for g, basis in zip(grads, spans.values()):
+            g, norm = g.double(), float(g.norm())
+            if norm > 0:
+                worst = max(worst, float((g - (g @ basis.to(g)) @ basis.to(g).T).norm()) / norm)
+        out.append(worst < VERIFY_TOL)
+    return out
 
 
 def _fill_labels(input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor, masked_lm: bool) -> list[list[int]]:
@@ -197,10 +247,19 @@ def exact(
     if masked_lm and distance > EXACT_DISTANCE:
         labels, distance = _swap_labels(work, observation, input_ids, lengths, labels, distance)
     status = "exact" if distance < EXACT_DISTANCE else "approximate"
+    if status == "exact":
+        verified: list[bool] | None = [True] * B  # the whole batch's gradient is recomputed
+    elif noise > 0:
+        verified = None
+    else:
+        verified = [False] if B == 1 else verify_sentences(work, observation, input_ids, lengths, labels)
+    if verified is not None and status != "exact":
+        notes.append(f"{sum(verified)} of {B} sentence(s) verified on their own (their recomputed gradient fits the update's spans)")
     return TextRecovery(
         input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
         token_ids=_fill_labels(input_ids.cpu(), lengths, labels.cpu(), masked_lm),
         distance=distance, seconds=time.perf_counter() - started, status=status, method="exact", notes=notes,
+        verified=verified,
     )
 
 
@@ -307,7 +366,7 @@ def assemble(
         notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
     found, closest = search.found, search.closest
     if noise_std > 0:
-        return _distinct(sorted(closest, key=lambda k: closest[k]), batch, notes)
+        return _distinct(sorted(closest, key=lambda k: closest[k]), batch, notes, budget)
     sentences = sorted(found, key=lambda k: found[k])
     if len(sentences) < batch:
         # keep what fits, then the closest misses: an approximate answer beats none
@@ -315,14 +374,18 @@ def assemble(
         rest = sorted((k for k in closest if k not in found), key=lambda k: closest[k])
         sentences += rest[: batch - len(sentences)]
         if not sentences:
-            raise InputError("no sentence hypothesis could be formed from the candidates")
+            raise _no_hypothesis(budget)
         sentences += [sentences[i % len(sentences)] for i in range(batch - len(sentences))]
     elif len(sentences) > batch:
         notes.append(f"{len(sentences)} sentences fit the span for a batch of {batch}; kept the {batch} closest")
     return [list(s) for s in sentences[:batch]]
 
 
-def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str]) -> list[list[int]]:
+def _no_hypothesis(budget: int) -> InputError:
+    return InputError(f"no whole sentence was formed within the search budget of {budget} hypotheses: raise attack.search_budget")
+
+
+def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str], budget: int) -> list[list[int]]:
     """The `batch` best of `ranked` hypotheses, skipping any that agree with a kept one at half its
     positions or more: under noise the variants of one sentence (a token dropped, two swapped)
     score alike, and without this they would crowd the others out."""
@@ -333,7 +396,7 @@ def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str]) -> li
         if len(kept) == batch:
             break
     if not kept:
-        raise InputError("no sentence hypothesis could be formed from the candidates")
+        raise _no_hypothesis(budget)
     notes.append(f"noisy update: the {len(kept)} closest distinct hypotheses by the second layer's residual (not verified exact)")
     return [list(k) for k in kept] + [list(kept[i % len(kept)]) for i in range(batch - len(kept))]
 
