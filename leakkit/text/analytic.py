@@ -29,6 +29,7 @@ from torch import nn
 from leakkit.errors import InputError
 from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
+from leakkit.tasks.layers import input_of, is_conv1d as _is_conv1d, linear_groups
 
 # Relative residual below which a vector counts as inside a gradient's input span. Float32
 # gradients put true members near 1e-6; non-members sit near 1.
@@ -50,8 +51,7 @@ NOISY_SPAN_TOL = 0.3
 NOISY_SPAN_SLACK = 3.0
 
 
-class _Stop(Exception):
-    """Raised from a forward hook once the wanted activation has been captured."""
+
 
 
 # --- spans ---------------------------------------------------------------------------------
@@ -151,65 +151,10 @@ def noisy_span_tol(observation: Observation, weight_names: Sequence[str], noise_
     return float(min(max(NOISY_SPAN_SLACK * edge / np.median(kept), SPAN_TOL), NOISY_SPAN_TOL))
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer that stores its weight as [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-# Fused query/key/value projections: one layer reads the attention input (GPT-2, GPT-NeoX, Phi, MPT)
-FUSED_QKV = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")
-
-
-# --- where the model's linear layers take their inputs --------------------------------------
-@dataclass
-class LinearCall:
-    name: str
-    input_id: int
-
-
-def linear_groups(model: nn.Module, example_ids: torch.Tensor) -> list[list[str]]:
-    """Names of linear modules that read the same tensor, in call order (e.g. Q, K, V of each
-    attention layer), and fused QKV projections on their own (FUSED_QKV). Found with temporary
-    forward pre-hooks on one forward pass."""
-    calls: list[LinearCall] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or _is_conv1d(module):
-            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: calls.append(LinearCall(name, id(a[0])))))
-    try:
-        with torch.no_grad():
-            model(input_ids=example_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    for call in calls:
-        if groups and call.input_id == groups[-1][0][1]:
-            groups[-1].append((call.name, call.input_id))
-        else:
-            groups.append([(call.name, call.input_id)])
-    return [[n for n, _ in g] for g in groups if len(g) >= 2 or g[0][0].rpartition(".")[2] in FUSED_QKV]
-
-
 def capture_input(model: nn.Module, module_name: str, **forward: Any) -> torch.Tensor:
     """The tensor `module_name` receives in a forward pass (stopped right there)."""
-    box: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        box.append(args[0])
-        raise _Stop
-
-    handle = model.get_submodule(module_name).register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(**forward)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not box:
-        raise RuntimeError(f"{module_name} was not reached in the forward pass")
-    return box[0]
+    with torch.no_grad():
+        return input_of(model, module_name, lambda: model(**forward))
 
 
 # --- token set ------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ Nothing here reads the client's data: only the update and the attacker's copy of
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
