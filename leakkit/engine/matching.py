@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 
 from leakkit.errors import AttackDiverged, ConfigError, ObservationMismatch
 from leakkit.engine.labels import LABELS
-from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, Objective, ObjectiveOptions, relative_distance
+from leakkit.engine.objectives import LAYER_WEIGHTS, OBJECTIVES, InputObjective, Objective, ObjectiveOptions, relative_distance
 from leakkit.client.defenses import noise_variance, zeroed_by
 from leakkit.client.observation import Observation
 from leakkit.engine.optimizers import OPTIMIZERS, SCHEDULES
@@ -204,6 +204,9 @@ def reconstruct(
     target = [observation.gradients[n].to(device=device, dtype=dtype) for n in names]
     fixed = LABELS.get(attack.labels)(observation, task)
     objective = OBJECTIVES.get(attack.objective)
+    score = None
+    if isinstance(objective, InputObjective):
+        score = objective.fit(work, dict(zip(names, target)), math.sqrt(noise_variance(observation)))
     options = ObjectiveOptions(l1_weight=attack.l1_weight)
     weights = LAYER_WEIGHTS.get(attack.layer_weights)(target)
     priors = [(PRIORS.get(n), w) for n, w in attack.priors.items() if w != 0]
@@ -218,6 +221,7 @@ def reconstruct(
         attack.feature_weight, observation.batch_size, fedavg,
         kept,
         [i for i, n in enumerate(matched) if n in observation.gradients] if withheld else None,
+        score,
     )
     started = time.perf_counter()
     trace: list[dict[str, Any]] = []
@@ -334,6 +338,7 @@ class _Problem:
     fedavg: dict[str, Any] | None = None
     masks: list[torch.Tensor] | None = None
     shared: list[int] | None = None  # positions of the shared tensors among the matched ones (None: all)
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None  # an InputObjective fitted to the update
 
     def _pick(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         # the candidate's tensors are paired with the target's by name, never by position
@@ -353,8 +358,11 @@ class _Problem:
         return self._pick(out)
 
     def loss(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Matching loss (objective + feature term + priors) and the candidate's update."""
-        if self.features is None:
+        """Matching loss (objective + feature term + priors) and the candidate's update ([] for an
+        input objective, which never computes it)."""
+        if self.score is not None:
+            loss, grads = self.score(x), []
+        elif self.features is None:
             grads = self.update(x, labels, create_graph=True)
             loss = self.objective(grads, self.target, self.weights, self.options)
         else:
@@ -412,7 +420,8 @@ def _run_restart(
         loss, grads = problem.loss(x, labels_now())
         # only the search variables need gradients, not the attacker's copy of the weights
         loss.backward(inputs=variables)
-        first_eval.append(relative_distance(grads, problem.target))
+        # an input objective ranks its steps by its own value: the gradient distance would cost a backward pass each
+        first_eval.append(float(loss) if problem.score is not None else relative_distance(grads, problem.target))
         return loss
 
     status, best = "budget", None
@@ -446,9 +455,16 @@ def _run_restart(
         elif attack.patience and step - last_improvement >= attack.patience:
             status = "stalled"
             break
-    final = relative_distance(problem.update(x.detach(), labels_now().detach(), create_graph=False), problem.target)
+    if problem.score is not None:
+        with torch.no_grad():
+            final = float(problem.score(x.detach()))
+    else:
+        final = relative_distance(problem.update(x.detach(), labels_now().detach(), create_graph=False), problem.target)
     if math.isfinite(final) and (best is None or final < best.distance):
         best = _Candidate(final, restart, x.detach().clone(), labels_now().detach().clone(), step)
+    if problem.score is not None and best is not None:
+        # restarts are compared, and the recovery reported, by gradient distance like every other objective
+        best = replace(best, distance=relative_distance(problem.update(best.inputs, best.labels, create_graph=False), problem.target))
     return status, best
 
 def _feature_targets(

@@ -2,16 +2,20 @@
 
 An objective compares the candidate's gradient with the observed one, layer by layer:
 `objective(pred, target, weights, options) -> scalar`, where `pred` and `target` are lists of
-tensors in model parameter order and `weights` one float per layer.
+tensors in model parameter order and `weights` one float per layer. An `InputObjective`
+(`subspace`) scores the candidate's own inputs against the update instead, and never needs the
+candidate's gradient (no second-order backward pass).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from leakkit.engine.spans import row_span
+from leakkit.errors import ConfigError
 from leakkit.registry import Registry
 
 
@@ -51,6 +55,41 @@ def l2_plus_l1(pred, target, weights, options):
         w * ((p - t).pow(2).sum() + options.l1_weight * (p - t).abs().sum())
         for p, t, w in zip(pred, target, weights)
     )
+
+
+@dataclass(frozen=True)
+class InputObjective:
+    """An objective on the candidate's inputs: `fit(task, gradients by name, noise_std)` reads the
+    update once and returns `score(inputs) -> scalar` (0 for the client's true inputs)."""
+
+    fit: Callable[[Any, Mapping[str, torch.Tensor], float], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _fit_subspace(task: Any, gradients: Mapping[str, torch.Tensor], noise_std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    names, probe = task.span_probe()
+    missing = [n for n in names if n not in gradients]
+    if missing:
+        raise ConfigError(f"the subspace objective reads the gradient of {missing[0]}, which the update withholds")
+    rows = torch.cat([gradients[n].detach().double() for n in names])
+    basis = row_span(rows, noise_std=noise_std)
+    if basis.shape[1] >= basis.shape[0]:
+        raise ConfigError(f"the first attention layer's gradient spans all {basis.shape[0]} directions: the batch holds "
+                          "more tokens than the model is wide (or the noise was not declared), so its span constrains nothing")
+
+    def score(inputs: torch.Tensor) -> torch.Tensor:
+        z, mask = probe(inputs)
+        b = basis.to(z)
+        off = (z - (z @ b) @ b.T).pow(2).sum(-1) / z.pow(2).sum(-1).clamp_min(1e-30)
+        m = mask.to(z)
+        return (off * m).sum() / m.sum()
+
+    return score
+
+
+OBJECTIVES.register(
+    "subspace",
+    description="mean squared distance of the first attention layer's inputs from the span its gradient reveals (TIGER); no candidate gradient",
+)(InputObjective(_fit_subspace))  # type: ignore[arg-type]
 
 
 @LAYER_WEIGHTS.register("uniform")

@@ -29,6 +29,7 @@ from torch import nn
 from leakkit.errors import InputError
 from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
+from leakkit.engine.spans import noise_edge, row_span, span_residual
 from leakkit.tasks.layers import input_of, is_conv1d as _is_conv1d, linear_groups
 
 # Relative residual below which a vector counts as inside a gradient's input span. Float32
@@ -40,7 +41,6 @@ ROW_OUTLIER = 8.0
 FIT_TOL = 2e-5
 FIT_SAMPLE = 2048  # word-embedding rows used to fit the tied decoder's span
 LEVERAGE = 0.9  # a sample row above this leverage carries a direction of its own (a token row)
-NOISE_MARGIN = 1.2  # singular values kept above this multiple of the noise's largest one
 # A noisy tied table's token row stands off the decoder span by this many noise stds (per signal
 # direction); MiniLM, SST-2 sentence 1 at std 1e-5: true tokens 0.39-42, the next row 1.2e-3, the 8x cut 2.9e-4.
 NOISY_TOKEN_SIGMAS = 8.0
@@ -52,17 +52,7 @@ NOISY_SPAN_SLACK = 3.0
 
 
 
-
-
 # --- spans ---------------------------------------------------------------------------------
-def noise_edge(shape: Sequence[int], noise_std: float) -> float:
-    """Largest singular value expected of an [m, d] matrix of i.i.d. N(0, noise_std^2) entries,
-    sqrt(m) + sqrt(d) times the std (Bai-Yin), with NOISE_MARGIN to spare: directions below it are
-    indistinguishable from the noise."""
-    m, d = shape
-    return NOISE_MARGIN * noise_std * (math.sqrt(m) + math.sqrt(d))
-
-
 def estimate_noise_std(matrix: torch.Tensor) -> float:
     """Per-entry noise std of a full-rank [m, d] gradient whose signal has low rank, from its smallest
     singular value: for m > d, i.i.d. noise leaves no singular value below (sqrt(m) - sqrt(d)) times the std."""
@@ -73,26 +63,6 @@ def estimate_noise_std(matrix: torch.Tensor) -> float:
         return 0.0
     s = np.linalg.svd(matrix.double().cpu().numpy(), compute_uv=False)
     return float(s[-1] / (math.sqrt(m) - math.sqrt(d)))
-
-
-def row_span(matrix: torch.Tensor, *, rel_tol: float = 1e-6, noise_std: float = 0.0) -> torch.Tensor:
-    """Orthonormal basis [d, r] of the row space of `matrix` [m, d]: singular values above rel_tol * max
-    and, for a noisy gradient, above the noise's edge (`noise_edge`)."""
-    m = matrix.double()
-    if m.abs().max() == 0:
-        return torch.zeros(m.shape[1], 0, dtype=torch.float64)
-    # numpy's LAPACK: torch's CPU SVD/eigh are an order of magnitude slower on these shapes
-    _, s, vh = np.linalg.svd(m.cpu().numpy(), full_matrices=False)
-    r = int((s > max(rel_tol * s[0], noise_edge(m.shape, noise_std))).sum())
-    return torch.from_numpy(np.ascontiguousarray(vh[:r].T)).to(m.device)
-
-
-def span_residual(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Relative distance of each vector [..., d] from span(basis [d, r]); shape [...]."""
-    v = vectors.double()
-    b = basis.to(v)
-    rest = v - (v @ b) @ b.T
-    return rest.norm(dim=-1) / v.norm(dim=-1).clamp_min(1e-300)
 
 
 def stacked_rows(observation: Observation, weight_names: Sequence[str], *, model: nn.Module | None = None) -> torch.Tensor:

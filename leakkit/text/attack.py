@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -386,12 +387,13 @@ def _no_hypothesis(budget: int) -> InputError:
 
 
 def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str], budget: int) -> list[list[int]]:
-    """The `batch` best of `ranked` hypotheses, skipping any that agree with a kept one at half its
-    positions or more: under noise the variants of one sentence (a token dropped, two swapped)
-    score alike, and without this they would crowd the others out."""
+    """The `batch` best of `ranked` hypotheses, skipping any that shares half its tokens or more
+    with a kept one (as multisets, so an inserted token does not hide the likeness): under noise
+    the variants of one sentence (a token dropped, doubled or moved) score alike, and without
+    this they would crowd the others out."""
     kept: list[tuple[int, ...]] = []
     for h in ranked:
-        if all(sum(a == b for a, b in zip(h, k)) < max(len(h), len(k)) / 2 for k in kept):
+        if all(sum((Counter(h) & Counter(k)).values()) < max(len(h), len(k)) / 2 for k in kept):
             kept.append(h)
         if len(kept) == batch:
             break
