@@ -468,19 +468,24 @@ def test_audit_without_utility_data_says_why_and_a_missing_file_is_one_line(cls_
     assert_one_line_error(run_cli(*base[:3], "task.num_classes=5", *base[4:], "--out", str(tmp_path / "c")), "task.num_classes=2")
 
 
-def test_encoder_batch_of_four_is_split_where_the_first_layer_lets_many_tokens_through() -> None:
-    """MiniLM, classification, four shipped sentences: a token seen at two positions makes the first
-    layer pass up to 5 tokens per position; the old one-restart-at-a-time search found 3 of the 4."""
+def _minilm_update(overrides: list[str], first: int, seed: int):
+    """The shipped MiniLM classifier, shipped sentences first.. (as many as the batch holds), and their update."""
     from leakkit.run.config import load_recipe
     from leakkit.run.text import build_text, client_update, make_text_batch
     from leakkit.text.data import embedded
 
-    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "data.batch_size=4"])
+    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", *overrides])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task = build_text(recipe, seed=0)
-    batch = make_text_batch(task, embedded()[12:16], seed=3)
-    obs = client_update(task, batch, recipe)
+    batch = make_text_batch(task, embedded()[first : first + recipe.data.batch_size], seed=seed)
+    return task, batch, client_update(task, batch, recipe)
+
+
+def test_encoder_batch_of_four_is_split_where_the_first_layer_lets_many_tokens_through() -> None:
+    """MiniLM, classification, four shipped sentences: a token seen at two positions makes the first
+    layer pass up to 5 tokens per position; the old one-restart-at-a-time search found 3 of the 4."""
+    task, batch, obs = _minilm_update(["data.batch_size=4"], 12, seed=3)
     rec = exact(task, obs)
     want = sorted(batch.input_ids[i, :L].tolist() for i, L in enumerate(batch.layout.lengths))
     assert sorted(rec.token_ids) == want
@@ -490,16 +495,8 @@ def test_encoder_batch_of_four_is_split_where_the_first_layer_lets_many_tokens_t
 def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_every_token() -> None:
     """MiniLM, classification, batch 2, noise std 1e-5: the spans used to be fitted without the noise,
     so they filled the width, every hypothesis fitted and the first two fragments were returned."""
-    from leakkit.run.config import load_recipe
-    from leakkit.run.text import build_text, client_update, make_text_batch
-    from leakkit.text.data import embedded
-
-    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "data.batch_size=2", "defense=noise:std=1e-5"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        task = build_text(recipe, seed=0)
-    batch = make_text_batch(task, embedded()[2:4], seed=3)
-    rec = exact(task, client_update(task, batch, recipe), text=TextAttackSettings(search_budget=20_000))
+    task, batch, obs = _minilm_update(["data.batch_size=2", "defense=noise:std=1e-5"], 2, seed=3)
+    rec = exact(task, obs, text=TextAttackSettings(search_budget=20_000))
     want = sorted(batch.input_ids[i, :L].tolist() for i, L in enumerate(batch.layout.lengths))
     assert sorted(rec.token_ids) == want
     assert any("noise std 1e-05 from the update's metadata" in n for n in rec.notes)
@@ -509,17 +506,9 @@ def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_ev
 def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:
     """A batch with one wrong token: the whole batch's gradient distance fails, but the three right
     sentences still fit the update's row spans on their own, and the wrong one does not."""
-    from leakkit.run.config import load_recipe
-    from leakkit.run.text import build_text, client_update, make_text_batch
     from leakkit.text.attack import _attacker_copy, gradient_distance, verify_sentences
-    from leakkit.text.data import embedded
 
-    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", "data.batch_size=4"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        task = build_text(recipe, seed=0)
-    batch = make_text_batch(task, embedded()[0:4], seed=0)
-    obs = client_update(task, batch, recipe)
+    task, batch, obs = _minilm_update(["data.batch_size=4"], 0, seed=0)
     work = _attacker_copy(task.sharing(obs), "cpu")
     ids, lengths = batch.input_ids.clone(), batch.layout.lengths
     assert verify_sentences(work, obs, ids, lengths, batch.labels) == [True] * 4
@@ -554,3 +543,25 @@ def test_tiger_bert_recovers_the_embedded_sentence(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["summary"]
     assert summary["exact"] == 1
+
+
+def test_a_gradient_objective_can_opt_into_the_subspace_term(cls_dir: Path) -> None:
+    from leakkit.engine.matching import reconstruct
+    from leakkit.engine.objectives import OBJECTIVES
+    from leakkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="subspace_weight"):
+        AttackConfig(subspace_weight=-1.0).validate()
+    task = _task("sequence-classification", cls_dir)
+    b = task.make_batch(cola(1, 5), [0])
+    obs = observe(task.with_layout(b.layout), b.input_ids, b.labels)
+    view = task.with_layout(b.layout)
+    score = OBJECTIVES.get("subspace").fit(view, obs.gradients, 0.0)
+    ends = {}
+    for weight in (0.0, 100.0):
+        cfg = AttackConfig(objective="cosine", optimizer="adam", lr=0.05, steps=40, labels="idlg", init="gaussian",
+                           restarts=1, patience=0, subspace_weight=weight)
+        rec = reconstruct(view, obs, cfg, seed=0)
+        with torch.no_grad():
+            ends[weight] = float(score(rec.inputs.float()))
+    assert ends[100.0] < 0.5 * ends[0.0]

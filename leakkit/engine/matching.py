@@ -44,6 +44,9 @@ class AttackConfig:
     "closed-form" makes the first restart begin at R-GAP's recovery where it applies (batch size 1,
     FedSGD, a plain chain of layers), "none" at attack.init; priors: prior name -> weight;
     box: project onto the feasible set after each step.
+    subspace_weight: with a gradient objective, add this weight times the `subspace` objective
+    (TIGER's term: the candidate's first-layer inputs against the span that layer's gradient
+    reveals); 0 = off, the papers' own objectives.
     feature_weight: weight of matching each example's output-layer input to the values solved from
     the output layer's gradient (`analytic.linear_layer_inputs`); 0 = off. Batches need fixed labels;
     for batch size 1 the solve is exact and label-free.
@@ -74,6 +77,7 @@ class AttackConfig:
     priors: dict[str, float] = field(default_factory=dict)
     box: bool = False
     feature_weight: float = 0.0
+    subspace_weight: float = 0.0
     restarts: int = 4
     stop_distance: float = 1e-12
     patience: int = 50
@@ -104,6 +108,8 @@ class AttackConfig:
             raise ConfigError("attack.lr must be a positive number")
         if self.feature_weight < 0:
             raise ConfigError("attack.feature_weight must be 0 (off) or positive")
+        if self.subspace_weight < 0 or not math.isfinite(self.subspace_weight):
+            raise ConfigError("attack.subspace_weight must be 0 (off) or positive")
         if self.patience < 0:
             raise ConfigError("attack.patience must be 0 (off) or positive")
 
@@ -204,9 +210,12 @@ def reconstruct(
     target = [observation.gradients[n].to(device=device, dtype=dtype) for n in names]
     fixed = LABELS.get(attack.labels)(observation, task)
     objective = OBJECTIVES.get(attack.objective)
-    score = None
+    score = subspace = None
     if isinstance(objective, InputObjective):
         score = objective.fit(work, dict(zip(names, target)), math.sqrt(noise_variance(observation)))
+    elif attack.subspace_weight > 0:
+        term = OBJECTIVES.get("subspace").fit(work, dict(zip(names, target)), math.sqrt(noise_variance(observation)))  # type: ignore[union-attr]
+        subspace = (term, attack.subspace_weight)
     options = ObjectiveOptions(l1_weight=attack.l1_weight)
     weights = LAYER_WEIGHTS.get(attack.layer_weights)(target)
     priors = [(PRIORS.get(n), w) for n, w in attack.priors.items() if w != 0]
@@ -221,7 +230,7 @@ def reconstruct(
         attack.feature_weight, observation.batch_size, fedavg,
         kept,
         [i for i, n in enumerate(matched) if n in observation.gradients] if withheld else None,
-        score,
+        score, subspace,
     )
     started = time.perf_counter()
     trace: list[dict[str, Any]] = []
@@ -339,6 +348,7 @@ class _Problem:
     masks: list[torch.Tensor] | None = None
     shared: list[int] | None = None  # positions of the shared tensors among the matched ones (None: all)
     score: Callable[[torch.Tensor], torch.Tensor] | None = None  # an InputObjective fitted to the update
+    subspace: tuple[Callable[[torch.Tensor], torch.Tensor], float] | None = None  # added to a gradient objective
 
     def _pick(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         # the candidate's tensors are paired with the target's by name, never by position
@@ -370,6 +380,8 @@ class _Problem:
             grads = self._pick(grads)
             loss = self.objective(grads, self.target, self.weights, self.options)
             loss = loss + self.feature_weight * (feats - self.features[0]).pow(2).sum() / self.features[1]
+        if self.subspace is not None:
+            loss = loss + self.subspace[1] * self.subspace[0](x)
         for prior, w in self.priors:
             loss = loss + w * prior(x, self.task)
         return loss, grads
