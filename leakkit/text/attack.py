@@ -16,7 +16,7 @@ import math
 from collections import Counter
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -77,6 +77,9 @@ class TextAttackSettings:
     the candidate's own word-embedding gradient is then matched too, and decoding is the argmax);
     decoder: nearest-token rule in TOKEN_DECODERS; restrict_tokens: decode only to tokens the
     word-embedding gradient leaks; discrete_steps: LAMP-style discrete moves after matching (0 = off);
+    discrete_score: what a move must lower, a name in DISCRETE_SCORES ("gradient": the gradient
+    distance, LAMP's; "span": the second attention layer's span residual, a forward pass to that
+    layer instead of a full backward pass, and contextual, so it tells a sentence's order apart);
     search_budget: hypotheses the exact attack's encoder batch search may score (time for success).
     """
 
@@ -84,6 +87,7 @@ class TextAttackSettings:
     decoder: str = "cosine"
     restrict_tokens: bool = False
     discrete_steps: int = 0
+    discrete_score: str = "gradient"
     search_budget: int = ASSEMBLE_BUDGET
 
     def validate(self) -> None:
@@ -93,6 +97,8 @@ class TextAttackSettings:
         TOKEN_DECODERS.get(self.decoder)
         if self.discrete_steps < 0:
             raise ConfigError("attack.discrete_steps must be 0 (off) or positive")
+        if self.discrete_score not in DISCRETE_SCORES:
+            raise ConfigError(f"unknown attack.discrete_score {self.discrete_score!r}; valid: {', '.join(DISCRETE_SCORES)}")
         if self.search_budget < 1:
             raise ConfigError("attack.search_budget must be at least 1 hypothesis")
 
@@ -689,13 +695,16 @@ def match(
     allowed: list[int] | None = leaked if text.restrict_tokens else None
     if text.restrict_tokens and leaked is None:
         notes.append("attack.restrict_tokens ignored: the word-embedding gradient is withheld")
+    special = work.special_ids()
+    if masked_lm and work.tokenizer.mask_token_id is not None:
+        special = special - {int(work.tokenizer.mask_token_id)}  # the client's inputs hold [MASK]; other specials are fixed
     if text.space == "soft-tokens":
-        ids = torch.tensor(leaked)[recovery.inputs.argmax(-1)]
+        # the boundary tokens are set below; inside a sentence the argmax runs over ordinary tokens only
+        ordinary = torch.tensor([t not in special for t in leaked])
+        logits = recovery.inputs.masked_fill(~ordinary, -math.inf) if bool(ordinary.any()) else recovery.inputs
+        ids = torch.tensor(leaked)[logits.argmax(-1)]
     else:
-        special = work.special_ids()
         keep = [t for t in (allowed if allowed is not None else range(work.embedding_matrix().shape[0])) if t not in special]
-        if masked_lm and work.tokenizer.mask_token_id is not None:
-            keep.append(int(work.tokenizer.mask_token_id))  # the client's inputs hold [MASK]; other specials are fixed
         table = work.embedding_matrix().detach()
         ids = TOKEN_DECODERS.get(text.decoder)(recovery.inputs.to(table), table, torch.tensor(keep, device=table.device))
     cls, sep = work.boundary_ids()
@@ -714,7 +723,10 @@ def match(
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
     if text.discrete_steps > 0:
         pool = allowed if allowed is not None else leaked
-        input_ids, distance = refine(work, observation, input_ids, lengths, labels, distance, pool=pool, budget=text.discrete_steps, seed=seed)
+        score = DISCRETE_SCORES[text.discrete_score](task, work, observation, lengths, labels, device)
+        input_ids, _ = refine(work, observation, input_ids, lengths, labels, score(input_ids), pool=pool, budget=text.discrete_steps,
+                              seed=seed, score=score)
+        distance = gradient_distance(work, observation, input_ids, lengths, labels)
     status = "exact" if distance < EXACT_DISTANCE else recovery.status
     return TextRecovery(
         input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
@@ -726,16 +738,19 @@ def match(
 
 def refine(
     task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor,
-    distance: float, *, pool: list[int] | None, budget: int, seed: int = 0,
+    distance: float, *, pool: list[int] | None, budget: int, seed: int = 0, score: Callable[[torch.Tensor], float] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """LAMP-style discrete steps: token swaps, moves and (from `pool`) replacements inside each
-    sentence, each kept only if it lowers the gradient distance. `budget` counts evaluations."""
+    sentence, each kept only if it lowers `score` (default: the gradient distance, which `distance`
+    then is). `budget` counts evaluations."""
+    score = score or (lambda ids: gradient_distance(task, observation, ids, lengths, labels))
     gen = torch.Generator().manual_seed(seed)
-    special = task.special_ids()
+    fixed = {t for t in task.boundary_ids() if t is not None}
     evals = 0
-    while evals < budget and distance > EXACT_DISTANCE:
+    while evals < budget and distance > EXACT_DISTANCE:  # both scores put the true sentence near 1e-6 or below
         b = int(torch.randint(len(lengths), (), generator=gen))
-        inner = [j for j in range(lengths[b]) if int(input_ids[b, j]) not in special]
+        # every position but the sentence's own boundary tokens, which decoding set (a stray special inside may move)
+        inner = [j for j in range(lengths[b]) if not ((j == 0 or j == lengths[b] - 1) and int(input_ids[b, j]) in fixed)]
         if len(inner) < 1:
             break
         trial = input_ids.clone()
@@ -757,10 +772,31 @@ def refine(
         evals += 1
         if torch.equal(trial, input_ids):
             continue
-        d = gradient_distance(task, observation, trial, lengths, labels)
+        d = score(trial)
         if d < distance:
             input_ids, distance = trial, d
     return input_ids, distance
+
+
+DiscreteScore = Callable[[TextTask, TextTask, Observation, list[int], torch.Tensor, str], Callable[[torch.Tensor], float]]
+
+
+def _gradient_score(task: TextTask, work: TextTask, observation: Observation, lengths: list[int], labels: torch.Tensor, device: str) -> Callable[[torch.Tensor], float]:
+    return lambda ids: gradient_distance(work, observation, ids, lengths, labels)
+
+
+def _span_score(task: TextTask, work: TextTask, observation: Observation, lengths: list[int], labels: torch.Tensor, device: str) -> Callable[[torch.Tensor], float]:
+    finder = _span_finder(task, observation, device)
+    groups = ta.attention_groups(finder)
+    if len(groups) < 2 or not ta.group_available(observation, groups[1]):
+        raise ConfigError("attack.discrete_score=span needs the second attention layer's gradient; it is withheld")
+    noise = math.sqrt(noise_variance(observation))
+    dev = next(finder.model.parameters()).device
+    return lambda ids: float(ta.layer_residual(finder, observation, 1, ids.to(dev), lengths, noise_std=noise).mean())
+
+
+# what a discrete move must lower (TextAttackSettings.discrete_score)
+DISCRETE_SCORES: dict[str, DiscreteScore] = {"gradient": _gradient_score, "span": _span_score}
 
 
 __all__ = ["TextRecovery", "TextAttackSettings", "attacker_view", "exact", "match", "assemble", "refine", "gradient_distance"]
