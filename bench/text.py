@@ -16,6 +16,7 @@ Rows (name: recipe and overrides):
   tag / lamp       tag-bert-cls and lamp-bert-cls on CoLA (slow: a few sentences)
   tiger            tiger-bert (subspace objective over soft-token mixtures, then discrete moves) on CoLA
   bert-base        bert-exact on a randomly initialised bert-base-shaped masked LM (seconds, peak memory)
+  bert-base-b4     the same, batch 4 (the beam sentence search)
   held out (nothing was tuned on these sentences):
   mlm-sst2         bert-exact, masked LM, batch 1 (seconds per sentence)
   tiger-sst2       tiger-bert on SST-2
@@ -82,6 +83,10 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
 }
 
 
+# rows on a random bert-base-shaped masked LM, built at run time: name -> (overrides, default sentence count)
+BERT_BASE: dict[str, tuple[list[str], int]] = {"bert-base": ([], 10), "bert-base-b4": (["data.batch_size=4"], 8)}
+
+
 def bert_base_dir() -> str:
     """A bert-base-shaped masked LM (12 layers, width 768) with MiniLM's vocabulary, random weights."""
     import torch
@@ -97,8 +102,8 @@ def bert_base_dir() -> str:
 
 
 def run_row(name: str, n: int | None, seed: int) -> dict[str, Any]:
-    if name == "bert-base":
-        recipe, data, overrides, default = "bert-exact", "cola", [f"task.model={bert_base_dir()}"], 10
+    if name in BERT_BASE:
+        recipe, data, overrides, default = "bert-exact", "cola", [f"task.model={bert_base_dir()}", *BERT_BASE[name][0]], BERT_BASE[name][1]
     else:
         recipe, data, overrides, default = ROWS[name]
     r = load_recipe(recipe, overrides)
@@ -122,15 +127,15 @@ def run_row(name: str, n: int | None, seed: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", default=",".join(list(ROWS) + ["bert-base"]), help="comma-separated row names")
+    p.add_argument("--rows", default=",".join([*ROWS, *BERT_BASE]), help="comma-separated row names")
     p.add_argument("--n", type=int, help="sentences per row (default: each row's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench/results/text.json")
     args = p.parse_args(argv)
     names = [x for x in args.rows.split(",") if x]
-    unknown = [x for x in names if x not in ROWS and x != "bert-base"]
+    unknown = [x for x in names if x not in ROWS and x not in BERT_BASE]
     if unknown:
-        print(f"bench: error: unknown row(s) {', '.join(unknown)}; valid: {', '.join(list(ROWS) + ['bert-base'])}", file=sys.stderr)
+        print(f"bench: error: unknown row(s) {', '.join(unknown)}; valid: {', '.join([*ROWS, *BERT_BASE])}", file=sys.stderr)
         return 2
     from rich.console import Console
     from rich.table import Table

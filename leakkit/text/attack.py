@@ -146,7 +146,8 @@ def verify_sentences(
     whose row span does not fill its width (a batch with more tokens than the layer is wide tells
     nothing there). The column side (backpropagated errors) is not used: the update's smallest
     error directions fall below any rank cut that float32 allows, and a true sentence has parts there.
-    Labels are not verified here (the whole batch's gradient distance does that).
+    Labels are not verified here (the whole batch's gradient distance does that): a masked-LM
+    sentence with the right inputs and a misplaced label passes.
 
     Shape:
         input_ids [B, n], labels [B] or [B, n] (masked LM, -100 where unlabelled).
