@@ -210,12 +210,11 @@ def reconstruct(
     target = [observation.gradients[n].to(device=device, dtype=dtype) for n in names]
     fixed = LABELS.get(attack.labels)(observation, task)
     objective = OBJECTIVES.get(attack.objective)
-    score = subspace = None
-    if isinstance(objective, InputObjective):
-        score = objective.fit(work, dict(zip(names, target)), math.sqrt(noise_variance(observation)))
-    elif attack.subspace_weight > 0:
-        term = OBJECTIVES.get("subspace").fit(work, dict(zip(names, target)), math.sqrt(noise_variance(observation)))  # type: ignore[union-attr]
-        subspace = (term, attack.subspace_weight)
+    def fitted(entry: InputObjective) -> Callable[[torch.Tensor], torch.Tensor]:
+        return entry.fit(work, dict(zip(names, target)), math.sqrt(noise_variance(observation)))
+
+    score = fitted(objective) if isinstance(objective, InputObjective) else None
+    subspace = (fitted(OBJECTIVES.get("subspace")), attack.subspace_weight) if score is None and attack.subspace_weight > 0 else None  # type: ignore[arg-type]
     options = ObjectiveOptions(l1_weight=attack.l1_weight)
     weights = LAYER_WEIGHTS.get(attack.layer_weights)(target)
     priors = [(PRIORS.get(n), w) for n, w in attack.priors.items() if w != 0]

@@ -79,6 +79,7 @@ def _fit_subspace(task: Any, gradients: Mapping[str, torch.Tensor], noise_std: f
     def score(inputs: torch.Tensor) -> torch.Tensor:
         z, mask = probe(inputs)
         b = basis.to(z)
+        # squared, not spans.span_residual's norm: a norm's gradient is undefined where the residual is 0
         off = (z - (z @ b) @ b.T).pow(2).sum(-1) / z.pow(2).sum(-1).clamp_min(1e-30)
         m = mask.to(z)
         return (off * m).sum() / m.sum()

@@ -172,9 +172,9 @@ def verify_sentences(
         grads = torch.autograd.grad(loss, [params[n] for n in spans])
         worst = 0.0
         for g, basis in zip(grads, spans.values()):
-            g, norm = g.double(), float(g.norm())
+            g, basis, norm = g.double(), basis.to(g.device, torch.float64), float(g.norm())
             if norm > 0:
-                worst = max(worst, float((g - (g @ basis.to(g)) @ basis.to(g).T).norm()) / norm)
+                worst = max(worst, float((g - (g @ basis) @ basis.T).norm()) / norm)
         out.append(worst < VERIFY_TOL)
     return out
 
@@ -237,8 +237,7 @@ def exact(
         noise = ta.update_noise(finder, observation, notes)
         if noise > 0:
             # every token's residual rises with the noise: rank them at each position of the batch's length
-            positions = ta.nonzero_positions(grads[pname]) if pname and pname in grads else []
-            limit = positions[-1] + 1 if positions else finder.max_length
+            limit = dec.position_limit(observation, finder) or finder.max_length
             search = dict(n_max=limit, noise_std=noise, tol=ta.NOISY_SPAN_TOL, most=NOISY_CANDIDATES * B, least=NOISY_CANDIDATES * B)
         else:
             search = {}
@@ -291,7 +290,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
         tokens, limit, tol, most = None, finder.max_length, ta.NOISY_SPAN_TOL, 4 * B
     else:
         tokens = dec.candidate_tokens(finder, observation, notes)  # type: ignore[arg-type]
-        limit = dec.position_limit(observation, finder) or finder.max_length  # type: ignore[arg-type]
+        limit = dec.position_limit(observation, finder) or finder.max_length
         tol, most = ta.SPAN_TOL, None
     candidates = ta.position_candidates(finder, observation, tokens=tokens, n_max=limit, noise_std=noise, tol=tol, most=most)
     if not candidates:
@@ -725,9 +724,12 @@ def match(
     if text.discrete_steps > 0:
         pool = allowed if allowed is not None else leaked
         score = DISCRETE_SCORES[text.discrete_score](task, work, observation, lengths, labels, device)
-        input_ids, _ = refine(work, observation, input_ids, lengths, labels, score(input_ids), pool=pool, budget=text.discrete_steps,
-                              seed=seed, score=score)
-        distance = gradient_distance(work, observation, input_ids, lengths, labels)
+        if score is None:  # the moves lower the gradient distance itself
+            input_ids, distance = refine(work, observation, input_ids, lengths, labels, distance, pool=pool, budget=text.discrete_steps, seed=seed)
+        else:
+            input_ids, _ = refine(work, observation, input_ids, lengths, labels, score(input_ids), pool=pool, budget=text.discrete_steps,
+                                  seed=seed, score=score)
+            distance = gradient_distance(work, observation, input_ids, lengths, labels)
     status = "exact" if distance < EXACT_DISTANCE else recovery.status
     return TextRecovery(
         input_ids=input_ids.cpu(), lengths=lengths, labels=labels.cpu(),
@@ -779,11 +781,9 @@ def refine(
     return input_ids, distance
 
 
-DiscreteScore = Callable[[TextTask, TextTask, Observation, list[int], torch.Tensor, str], Callable[[torch.Tensor], float]]
-
-
-def _gradient_score(task: TextTask, work: TextTask, observation: Observation, lengths: list[int], labels: torch.Tensor, device: str) -> Callable[[torch.Tensor], float]:
-    return lambda ids: gradient_distance(work, observation, ids, lengths, labels)
+# (task, the attacker's float64 copy, update, lengths, labels, device) -> a score of token ids, or
+# None for refine's own score, the gradient distance (which match has already computed once)
+DiscreteScore = Callable[[TextTask, TextTask, Observation, list[int], torch.Tensor, str], Callable[[torch.Tensor], float] | None]
 
 
 def _span_score(task: TextTask, work: TextTask, observation: Observation, lengths: list[int], labels: torch.Tensor, device: str) -> Callable[[torch.Tensor], float]:
@@ -797,7 +797,7 @@ def _span_score(task: TextTask, work: TextTask, observation: Observation, length
 
 
 # what a discrete move must lower (TextAttackSettings.discrete_score)
-DISCRETE_SCORES: dict[str, DiscreteScore] = {"gradient": _gradient_score, "span": _span_score}
+DISCRETE_SCORES: dict[str, DiscreteScore] = {"gradient": lambda *_: None, "span": _span_score}
 
 
 __all__ = ["TextRecovery", "TextAttackSettings", "attacker_view", "exact", "match", "assemble", "refine", "gradient_distance"]

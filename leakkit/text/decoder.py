@@ -21,7 +21,7 @@ import torch
 
 from leakkit.client.observation import Observation
 from leakkit.errors import ConfigError, InputError
-from leakkit.tasks.text import CausalLanguageModeling
+from leakkit.tasks.text import CausalLanguageModeling, TextTask
 from leakkit.text import analytic as ta
 
 # prefixes checked in one forward pass (memory bound: chunk x length x width floats)
@@ -213,7 +213,7 @@ def second_layer_span(task: CausalLanguageModeling, observation: Observation, no
     return ta.input_span(observation, ta._weights(groups[1]), model=task.model, noise_std=noise_std)
 
 
-def position_limit(observation: Observation, task: CausalLanguageModeling) -> int | None:
+def position_limit(observation: Observation, task: TextTask) -> int | None:
     """Sequence length read off the position-embedding gradient when it is shared."""
     name = task.position_embedding_name()
     if name and name in observation.gradients:
