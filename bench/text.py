@@ -13,6 +13,7 @@ Rows (name: recipe and overrides):
   cls-{cola,sst2,rt}  bert-exact on the classification task, batch 1
   frozen-cola      bert-exact with the word-embedding gradient withheld (task.frozen=word_embeddings)
   match-frozen     dlg-bert (continuous matching only), word-embedding gradient withheld
+  dlg              dlg-bert as shipped on the 20 shipped sentences (soft-token mixtures, every gradient matched)
   tag / lamp       tag-bert-cls and lamp-bert-cls on CoLA (slow: a few sentences)
   tiger            tiger-bert (subspace objective over soft-token mixtures, then discrete moves) on CoLA
   bert-base        bert-exact on a randomly initialised bert-base-shaped masked LM (seconds, peak memory)
@@ -48,7 +49,7 @@ from leakkit.run.rundir import provenance, write_json
 from leakkit.run.runner import run_recipe
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "text"
-FILES = {"cola": "cola_dev.tsv", "sst2": "sst2_dev.tsv", "rt": "mr_dev.tsv"}
+FILES = {"cola": "cola_dev.tsv", "sst2": "sst2_dev.tsv", "rt": "mr_dev.tsv", "embedded": None}  # None: the 20 shipped sentences
 
 ROWS: dict[str, tuple[str, str, list[str], int]] = {
     # name: (recipe, data set, overrides, default sentence count)
@@ -58,7 +59,8 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
     "cls-sst2": ("bert-exact", "sst2", ["task.name=sequence-classification"], 50),
     "cls-rt": ("bert-exact", "rt", ["task.name=sequence-classification"], 50),
     "frozen-cola": ("bert-exact", "cola", ["task.frozen=word_embeddings"], 20),
-    "match-frozen": ("dlg-bert", "cola", ["task.frozen=word_embeddings"], 3),
+    "match-frozen": ("dlg-bert", "cola", ["task.frozen=word_embeddings", "text.space=embeddings"], 3),
+    "dlg": ("dlg-bert", "embedded", [], 20),
     "tag": ("tag-bert-cls", "cola", [], 3),
     "lamp": ("lamp-bert-cls", "cola", [], 3),
     "tiger": ("tiger-bert", "cola", [], 20),
@@ -110,7 +112,7 @@ def run_row(name: str, n: int | None, seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         started = time.perf_counter()
-        result = run_recipe(r, out=out, input_path=str(DATA / FILES[data]), samples=n or default, seed=seed)
+        result = run_recipe(r, out=out, input_path=str(DATA / FILES[data]) if FILES[data] else None, samples=n or default, seed=seed)
         wall = time.perf_counter() - started
     s = result["summary"]
     return {

@@ -565,3 +565,21 @@ def test_a_gradient_objective_can_opt_into_the_subspace_term(cls_dir: Path) -> N
         with torch.no_grad():
             ends[weight] = float(score(rec.inputs.float()))
     assert ends[100.0] < 0.5 * ends[0.0]
+
+
+def test_masked_lm_labels_sit_where_the_input_is_mask_and_come_from_the_bias_gradient(mlm_dir: Path) -> None:
+    from leakkit.text.attack import _masked_lm_labels
+
+    task = _task("masked-lm", mlm_dir)
+    batch, obs = _observe_mlm(task, cola(1, 3))
+    view = task.with_layout(batch.layout)
+    B, n = batch.input_ids.shape
+    # a soft label that settled nowhere: every position "masked" and a wrong token most probable everywhere
+    soft = torch.full((B, n, view.num_classes), 1e-3)
+    soft[..., 5] = 1.0
+    labels = _masked_lm_labels(soft, batch.input_ids, view, obs)
+    masked = batch.input_ids == task.tokenizer.mask_token_id
+    assert bool(masked.any())
+    assert (labels[~masked] == -100).all()  # a position whose input is a real token was not masked
+    # the soft label's favourite (token 5) is no label: the bias gradient's label tokens overrule it
+    assert set(labels[masked].tolist()) <= set(batch.labels[batch.labels >= 0].tolist())
