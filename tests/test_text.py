@@ -503,6 +503,25 @@ def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_ev
     assert any("closest distinct hypotheses" in n for n in rec.notes)
 
 
+def test_encoder_batch_searches_the_first_layers_closest_tokens_first() -> None:
+    """Shipped sentences 4-7: LayerNorm's curvature lets 145 (token, position) pairs through the
+    first layer's span for 42 real ones, and the search over all of them found 3 of the 4 sentences
+    in its whole budget. The real pairs are exactly those at float32's floor, and from them it finds all 4."""
+    from leakkit.text.attack import _span_finder
+
+    task, batch, obs = _minilm_update(["data.batch_size=4"], 4, seed=0)
+    finder = _span_finder(task, obs, "cpu")
+    leak = ta.token_leak(obs.gradients[finder.word_embedding_name()], tied=False)
+    scored = ta.scored_position_candidates(finder, obs, tokens=leak.tokens)
+    L = batch.layout.lengths
+    real = [sorted({int(batch.input_ids[b, j]) for b in range(4) if j < L[b]}) for j in range(max(L))]
+    assert all(h == sorted(h) for h in scored) and sum(map(len, scored)) > 3 * sum(map(len, real))
+    assert ta.tight_candidates(scored) == real
+    rec = exact(task, obs)
+    assert sorted(rec.token_ids) == sorted(batch.input_ids[i, :n].tolist() for i, n in enumerate(L))
+    assert rec.status == "exact"
+
+
 def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:
     """A batch with one wrong token: the whole batch's gradient distance fails, but the three right
     sentences still fit the update's row spans on their own, and the wrong one does not."""

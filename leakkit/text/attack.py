@@ -241,11 +241,14 @@ def exact(
             search = dict(n_max=limit, noise_std=noise, tol=ta.NOISY_SPAN_TOL, most=NOISY_CANDIDATES * B, least=NOISY_CANDIDATES * B)
         else:
             search = {}
-        candidates = ta.position_candidates(finder, observation, tokens=leak.tokens if leak else None, **search)  # type: ignore[arg-type]
-        if not candidates:
+        scored = ta.scored_position_candidates(finder, observation, tokens=leak.tokens if leak else None, **search)  # type: ignore[arg-type]
+        if not scored:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
+        candidates = [sorted(t for _, t in h) for h in scored]
         budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
-        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget, noise_std=noise)  # type: ignore[arg-type]
+        # a clean update: the batch's own pairs first (under noise every residual sits above float32's floor)
+        first = ta.tight_candidates(scored) if noise == 0 else None
+        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget, noise_std=noise, first=first)  # type: ignore[arg-type]
         del finder
     input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
@@ -331,7 +334,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
 
 def assemble(
     task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str],
-    budget: int = ASSEMBLE_BUDGET, noise_std: float = 0.0,
+    budget: int = ASSEMBLE_BUDGET, noise_std: float = 0.0, first: list[list[int]] | None = None,
 ) -> list[list[int]]:
     """Split per-position candidate tokens into `batch` sentences.
 
@@ -346,29 +349,25 @@ def assemble(
     hypotheses instead of running for hours. Under noise (`noise_std`) the second layer's span
     keeps only the directions above it and a sentence fits within a tolerance derived from the
     noise (`ta.noisy_span_tol`); hypotheses are still ranked by their residual.
+
+    Args:
+        first: a narrower candidate list to search first (`ta.tight_candidates`); the search goes on
+            over `candidates`, keeping what it found, only while the batch is short.
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
     groups = ta.attention_groups(task)
     if len(groups) < 2 or not ta.group_available(observation, groups[1]):
         raise ConfigError("splitting a batch into sentences needs the second attention layer's gradient")
-    search = _SentenceSearch(task, observation, candidates, batch, budget=budget, seed=seed, noise_std=noise_std)
-    width = BEAM_PER_SENTENCE * batch
-    for run in (lambda: search.forward(width), lambda: search.backward(width), lambda: search.forward(4 * width)):
+    tiers = [first, candidates] if first is not None and first != candidates else [candidates]
+    search = _SentenceSearch(task, observation, tiers[0], batch, budget=budget, seed=seed, noise_std=noise_std)
+    for k, tier in enumerate(tiers):
         if search.done():
             break
-        run()
-    for key in sorted((k for k in search.closest if k not in search.found), key=lambda k: search.closest[k])[: 2 * batch]:
-        if search.done():
-            break
-        search.descend(list(key))
-    # two sentences of one length: more descents at the lengths that fit, while the batch is short
-    for L in sorted({len(k) for k in search.found}):
-        misses = 0
-        while not search.done() and misses < 6:
-            before = len(search.found)
-            search.descend(search.random_start(L, [k for k in search.found if len(k) == L]))
-            misses = 0 if len(search.found) > before else misses + 1
+        if k:
+            notes.append(f"{len(search.found)} sentence(s) fit from the first layer's closest tokens; searching all {sum(map(len, tier))} candidates")
+            search.widen(tier)
+        _grow(search, batch)
     if search.scored >= budget:
         notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
     found, closest = search.found, search.closest
@@ -386,6 +385,26 @@ def assemble(
     elif len(sentences) > batch:
         notes.append(f"{len(sentences)} sentences fit the span for a batch of {batch}; kept the {batch} closest")
     return [list(s) for s in sentences[:batch]]
+
+
+def _grow(search: "_SentenceSearch", batch: int) -> None:
+    """One pass of `assemble`'s search over the search's current candidates."""
+    width = BEAM_PER_SENTENCE * batch
+    for run in (lambda: search.forward(width), lambda: search.backward(width), lambda: search.forward(4 * width)):
+        if search.done():
+            break
+        run()
+    for key in sorted((k for k in search.closest if k not in search.found), key=lambda k: search.closest[k])[: 2 * batch]:
+        if search.done():
+            break
+        search.descend(list(key))
+    # two sentences of one length: more descents at the lengths that fit, while the batch is short
+    for L in sorted({len(k) for k in search.found}):
+        misses = 0
+        while not search.done() and misses < 6:
+            before = len(search.found)
+            search.descend(search.random_start(L, [k for k in search.found if len(k) == L]))
+            misses = 0 if len(search.found) > before else misses + 1
 
 
 def _no_hypothesis(budget: int) -> InputError:
@@ -420,12 +439,17 @@ class _SentenceSearch:
         second = ta._weights(ta.attention_groups(task)[1])
         self.tol = ta.noisy_span_tol(observation, second, noise_std, model=task.model) if noise_std > 0 else ta.SPAN_TOL
         self.cls, self.sep = task.boundary_ids()
-        self.ends = [j for j, c in enumerate(candidates) if self.sep in c] or [len(candidates) - 1]
+        self.widen(candidates)
         self.gen = torch.Generator().manual_seed(seed)
         self.dev = next(task.model.parameters()).device
         self.found: dict[tuple[int, ...], float] = {}
         self.closest: dict[tuple[int, ...], float] = {}  # every whole hypothesis scored, with its residual
         self.scored = 0
+
+    def widen(self, candidates: list[list[int]]) -> None:
+        """Search over `candidates` from now on; what was found and scored so far is kept."""
+        self.candidates = candidates
+        self.ends = [j for j, c in enumerate(candidates) if self.sep in c] or [len(candidates) - 1]
 
     def done(self) -> bool:
         # under noise a sentence within the tolerance may still be a near miss: search on, rank at the end
