@@ -536,6 +536,29 @@ def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:
     assert verify_sentences(work, obs, ids, lengths, batch.labels) == [True, True, False, True]
 
 
+def test_a_masked_lm_sentence_without_a_label_is_not_verified() -> None:
+    """A masked-LM sentence with no labelled position has no loss of its own: its zero gradient lies
+    in every span, which says nothing about its tokens (such hypotheses were counted verified)."""
+    from leakkit.run.config import load_recipe
+    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.text.attack import _attacker_copy, verify_sentences
+    from leakkit.text.data import embedded
+
+    recipe = load_recipe("bert-exact", ["data.batch_size=2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = build_text(recipe, seed=0)
+    batch = make_text_batch(task, embedded()[:2], seed=0)
+    obs = client_update(task, batch, recipe)
+    work = _attacker_copy(task.sharing(obs), "cpu")
+    ids, lengths = batch.input_ids, batch.layout.lengths
+    assert (batch.labels >= 0).any(-1).all()  # each sentence has a masked position
+    assert verify_sentences(work, obs, ids, lengths, batch.labels) == [True, True]
+    unlabelled = batch.labels.clone()
+    unlabelled[1] = -100
+    assert verify_sentences(work, obs, ids, lengths, unlabelled) == [True, False]
+
+
 def test_subspace_objective_is_zero_at_the_true_embeddings_only(cls_dir: Path) -> None:
     from leakkit.engine.objectives import OBJECTIVES
     from leakkit.errors import ConfigError

@@ -147,7 +147,8 @@ def verify_sentences(
     nothing there). The column side (backpropagated errors) is not used: the update's smallest
     error directions fall below any rank cut that float32 allows, and a true sentence has parts there.
     Labels are not verified here (the whole batch's gradient distance does that): a masked-LM
-    sentence with the right inputs and a misplaced label passes.
+    sentence with the right inputs and a misplaced label passes. A sentence whose own gradient is
+    zero (a masked-LM hypothesis with no label) lies in every span and is not verified.
 
     Shape:
         input_ids [B, n], labels [B] or [B, n] (masked LM, -100 where unlabelled).
@@ -170,12 +171,12 @@ def verify_sentences(
         label = labels[b : b + 1, :L] if labels.dim() == 2 else labels[b : b + 1]
         loss = one.loss(input_ids[b : b + 1, :L].to(dev), label.to(dev), reduction="sum")
         grads = torch.autograd.grad(loss, [params[n] for n in spans])
-        worst = 0.0
+        worst, checked = 0.0, False
         for g, basis in zip(grads, spans.values()):
             g, basis, norm = g.double(), basis.to(g.device, torch.float64), float(g.norm())
             if norm > 0:
-                worst = max(worst, float((g - (g @ basis) @ basis.T).norm()) / norm)
-        out.append(worst < VERIFY_TOL)
+                worst, checked = max(worst, float((g - (g @ basis) @ basis.T).norm()) / norm), True
+        out.append(checked and worst < VERIFY_TOL)
     return out
 
 
