@@ -625,3 +625,20 @@ def test_masked_lm_labels_sit_where_the_input_is_mask_and_come_from_the_bias_gra
     assert (labels[~masked] == -100).all()  # a position whose input is a real token was not masked
     # the soft label's favourite (token 5) is no label: the bias gradient's label tokens overrule it
     assert set(labels[masked].tolist()) <= set(batch.labels[batch.labels >= 0].tolist())
+
+
+def test_covering_decoding_places_every_leaked_token_where_it_costs_least() -> None:
+    """Two positions prefer token 10 over 11 and 12; 11 is nearly as likely at position 2 as 10, so
+    covering puts it there and keeps 10 at position 1, and leaves the boundary positions alone.
+    A sentence too short for its leaked tokens keeps its argmax and says so."""
+    from leakkit.text.attack import _cover
+
+    leaked = [1, 10, 11, 2]  # [CLS], two ordinary tokens, [SEP]
+    logits = torch.tensor([[[9.0, 0, 0, 0], [0, 5.0, 1.0, 0], [0, 5.0, 4.9, 0], [0, 0, 0, 9.0]]])
+    ordinary = torch.tensor([False, True, True, False])
+    argmax = torch.tensor(leaked)[logits.argmax(-1)]
+    assert argmax.tolist() == [[1, 10, 10, 2]]
+    notes: list[str] = []
+    assert _cover(logits, leaked, ordinary, [4], argmax, notes).tolist() == [[1, 10, 11, 2]] and not notes
+    assert _cover(logits[:, :3], leaked, ordinary, [3], argmax[:, :3], notes).tolist() == [[1, 10, 10]]
+    assert "skipped" in notes[0]

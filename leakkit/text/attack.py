@@ -80,7 +80,9 @@ class TextAttackSettings:
     discrete_score: what a move must lower, a name in DISCRETE_SCORES ("gradient": the gradient
     distance, LAMP's; "span": the second attention layer's span residual, a forward pass to that
     layer instead of a full backward pass, and contextual, so it tells a sentence's order apart);
-    search_budget: hypotheses the exact attack's encoder batch search may score (time for success).
+    search_budget: hypotheses the exact attack's encoder batch search may score (time for success);
+    cover_leaked: soft-token decoding places every leaked token at least once (each was in the
+    batch), at the positions where that costs the mixtures least, when the batch has room for them.
     """
 
     space: str = "embeddings"
@@ -89,6 +91,7 @@ class TextAttackSettings:
     discrete_steps: int = 0
     discrete_score: str = "gradient"
     search_budget: int = ASSEMBLE_BUDGET
+    cover_leaked: bool = False
 
     def validate(self) -> None:
         """Raise ConfigError for unknown names or out-of-range numbers."""
@@ -728,6 +731,8 @@ def match(
         ordinary = torch.tensor([t not in special for t in leaked])
         logits = recovery.inputs.masked_fill(~ordinary, -math.inf) if bool(ordinary.any()) else recovery.inputs
         ids = torch.tensor(leaked)[logits.argmax(-1)]
+        if text.cover_leaked:
+            ids = _cover(logits, leaked, ordinary, lengths, ids, notes)
     else:
         keep = [t for t in (allowed if allowed is not None else range(work.embedding_matrix().shape[0])) if t not in special]
         table = work.embedding_matrix().detach()
@@ -760,6 +765,32 @@ def match(
         distance=distance, seconds=time.perf_counter() - started, status=status, method="match",
         trace=recovery.trace, notes=notes,
     )
+
+
+def _cover(logits: torch.Tensor, leaked: list[int], ordinary: torch.Tensor, lengths: list[int], ids: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """Argmax decoding constrained to use every ordinary leaked token at least once: each token goes
+    to a distinct interior position, chosen to lose the least log-probability against that
+    position's argmax (an assignment problem); the other positions keep their argmax.
+
+    Shape:
+        logits [B, n, K] over the K leaked tokens; ids [B, n] the argmax decoding.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    slots = [(b, j) for b, L in enumerate(lengths) for j in range(1, L - 1)]
+    wanted = torch.nonzero(ordinary).flatten()
+    if not len(wanted) or len(wanted) > len(slots):
+        notes.append(f"cover_leaked skipped: {len(wanted)} leaked tokens for {len(slots)} positions")
+        return ids
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    rows = torch.stack([logp[b, j] for b, j in slots])  # [slots, K]
+    regret = rows.max(-1, keepdim=True).values - rows[:, wanted]
+    picked, tokens = linear_sum_assignment(regret.nan_to_num(posinf=1e9).numpy())
+    out = ids.clone()
+    for p, k in zip(picked.tolist(), tokens.tolist()):
+        b, j = slots[p]
+        out[b, j] = leaked[int(wanted[k])]
+    return out
 
 
 def _masked_lm_labels(soft: torch.Tensor, input_ids: torch.Tensor, task: TextTask, observation: Observation) -> torch.Tensor:
