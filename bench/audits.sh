@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The audits behind the README's defense figures. Each line is one `leakkit audit`; rerun with
-# RESUME=1 after an interruption. About 80 minutes on 2 CPU cores with Ray.
+# RESUME=1 after an interruption. About 100 minutes on 2 CPU cores with Ray.
 set -euo pipefail
 L=${LEAKKIT:-leakkit}
 OUT=${OUT:-audits}
@@ -18,3 +18,5 @@ $L audit bert-exact task.name=sequence-classification --defense prune:ratio=0.1,
 # masked LM under noise; Rotten Tomatoes is the held-out file (the token cut was set on an SST-2 sentence)
 $L audit bert-exact --defense noise:std=0,1e-5,1e-4,1e-3 --input ${TEXT:-../shared/data/text/sst2_dev.tsv} --samples 8 --no-utility --out $OUT/text-mlm $R --quiet
 $L audit bert-exact --defense noise:std=0,1e-5,1e-4,1e-3 --input ../shared/data/text/mr_dev.tsv --samples 8 --no-utility --out $OUT/text-mlm-rt $R --quiet
+# text privacy against utility: held-out Rotten Tomatoes sentences attacked, the classifier fine-tuned on SST-2 under each defense
+$L audit bert-exact task.name=sequence-classification utility.data=../shared/data/text/sst2_dev.tsv --defense noise:std=0,1e-5,1e-4,1e-3 --defense prune:ratio=0.9,0.99 --input ../shared/data/text/mr_dev.tsv --samples 10 --out $OUT/text-utility $R --quiet
