@@ -52,6 +52,8 @@ NOISY_SPAN_TOL = 0.3
 # float32's floor (MiniLM, SST-2 and Rotten Tomatoes batches of 4: at most 1.2e-6, 4.1e-6 once in a
 # masked-LM batch of 16), pairs let through by LayerNorm's curvature mostly from 1.3e-6 to 5e-4.
 # The sentence search tries the pairs below this first, and all of SPAN_TOL's only if that fails.
+# Where the batch's pairs form cycles (a long batch, or [MASK] at many positions) the span closes over
+# whole token-position components, foreign pairs sit at the floor too, and this tier is no narrower.
 TIGHT_SPAN_TOL = 3e-6
 NOISY_SPAN_SLACK = 3.0
 
@@ -298,13 +300,18 @@ def position_candidates(
     attention layer's gradient reveals, in token-id order (`scored_position_candidates` has the
     residuals, closest first)."""
     scored = scored_position_candidates(task, observation, tokens=tokens, n_max=n_max, chunk=chunk, noise_std=noise_std, tol=tol, most=most, least=least)
+    return token_lists(scored)
+
+
+def token_lists(scored: list[list[tuple[float, int]]]) -> list[list[int]]:
+    """Each position's token ids, in id order, from (residual, token) pairs."""
     return [sorted(t for _, t in h) for h in scored]
 
 
 def tight_candidates(scored: list[list[tuple[float, int]]], tol: float = TIGHT_SPAN_TOL) -> list[list[int]]:
     """Each position's candidates within `tol` (all of them where none is): the first-layer inputs
     that sit at float32's floor, not at LayerNorm's curvature just above it."""
-    return [sorted(t for r, t in h if r < tol) or sorted(t for _, t in h) for h in scored]
+    return [sorted(t for r, t in h if r < tol) or ids for h, ids in zip(scored, token_lists(scored))]
 
 
 def scored_position_candidates(

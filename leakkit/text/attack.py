@@ -248,7 +248,7 @@ def exact(
         scored = ta.scored_position_candidates(finder, observation, tokens=leak.tokens if leak else None, **search)  # type: ignore[arg-type]
         if not scored:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
-        candidates = [sorted(t for _, t in h) for h in scored]
+        candidates = ta.token_lists(scored)
         budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
         # a clean update: the batch's own pairs first (under noise every residual sits above float32's floor)
         first = ta.tight_candidates(scored) if noise == 0 else None
