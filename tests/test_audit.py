@@ -2,11 +2,10 @@
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
-from leakkit.audit.grid import AuditSpec, collect, run_audit
+from leakkit.audit.grid import AuditSpec, run_audit
 from leakkit.errors import InputError
 from leakkit.audit.report import write_report
 from conftest import FAST, assert_one_line_error, run_cli

@@ -1,7 +1,5 @@
 """R-GAP: closed-form recovery of one image from its gradient, layer by layer."""
 
-import time
-
 import pytest
 import torch
 from torch import nn

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from leakkit.client.observation import Observation, fingerprint
 from leakkit.errors import InputError, few
 from leakkit.tasks.base import Task
