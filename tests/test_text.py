@@ -522,6 +522,26 @@ def test_encoder_batch_searches_the_first_layers_closest_tokens_first() -> None:
     assert rec.status == "exact"
 
 
+def test_a_found_sentence_is_taken_out_of_the_second_layers_span_with_its_class() -> None:
+    """Subtracting a found sentence's own gradient narrows the second layer's span by exactly its
+    tokens, for its true class only: the missing sentences still fit, the found one (and runs of it
+    stitched into other hypotheses) no longer does."""
+    from leakkit.text.attack import _SentenceSearch, _span_finder
+
+    task, batch, obs = _minilm_update(["data.batch_size=4"], 4, seed=0)
+    finder = _span_finder(task, obs, "cpu")
+    L = batch.layout.lengths
+    rows = [tuple(batch.input_ids[i, :n].tolist()) for i, n in enumerate(L)]
+    search = _SentenceSearch(finder, obs, [[t] for t in rows[0]], 4, budget=10**6, seed=0)
+    assert search.tokens == sum(L)  # the span's rank is the batch's token count
+    assert float(search.score([rows[0]]).max()) < 1e-5
+    search.record([rows[0]], search.score([rows[0]]))
+    assert search.classes == {rows[0]: int(batch.labels[0])}
+    assert ta.layer_span(finder, obs, 1).shape[1] == sum(L) - L[0]
+    assert float(search.score(rows[1:]).max()) < 1e-5
+    assert float(search.score([rows[0]])[0]) > 1e-2
+
+
 def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:
     """A batch with one wrong token: the whole batch's gradient distance fails, but the three right
     sentences still fit the update's row spans on their own, and the wrong one does not."""

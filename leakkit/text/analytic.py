@@ -393,6 +393,23 @@ def group_available(observation: Observation, group: list[str]) -> bool:
     return all(w in observation.gradients for w in _weights(group))
 
 
+def layer_span(task: Any, observation: Observation, layer: int, *, noise_std: float = 0.0) -> torch.Tensor:
+    """Basis [d, r] of attention layer `layer`'s inputs, as its gradient reveals them (cached on
+    `task` per observation, unless a search narrowed it: `set_layer_span`). On a clean update r is
+    the batch's token count while it is below d: attention mixes each token's own sentence into its
+    input, so no two inputs coincide."""
+    key = ("span", layer, noise_std)
+    cache = task.__dict__.setdefault("_span_cache", {})
+    if key not in cache or cache[key][0] is not observation:
+        cache[key] = (observation, input_span(observation, _weights(attention_groups(task)[layer]), model=task.model, noise_std=noise_std))
+    return cache[key][1]
+
+
+def set_layer_span(task: Any, observation: Observation, layer: int, basis: torch.Tensor, *, noise_std: float = 0.0) -> None:
+    """Replace the span `layer_span` returns for this observation."""
+    task.__dict__.setdefault("_span_cache", {})[("span", layer, noise_std)] = (observation, basis)
+
+
 def layer_residual(
     task: Any, observation: Observation, layer: int, input_ids: torch.Tensor, lengths: Sequence[int], *, mask: torch.Tensor | None = None,
     noise_std: float = 0.0,
@@ -409,11 +426,7 @@ def layer_residual(
         [S] mean relative residual over each sentence's attended positions (0 for the true sentences).
     """
     groups = attention_groups(task)
-    key = ("span", layer, noise_std)
-    cache = task.__dict__.setdefault("_span_cache", {})
-    if key not in cache or cache[key][0] is not observation:
-        cache[key] = (observation, input_span(observation, _weights(groups[layer]), model=task.model, noise_std=noise_std))
-    basis = cache[key][1]
+    basis = layer_span(task, observation, layer, noise_std=noise_std)
     n = input_ids.shape[1]
     if mask is None:
         mask = torch.stack([torch.arange(n) < L for L in lengths]).long()

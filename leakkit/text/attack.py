@@ -24,8 +24,9 @@ from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
 from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
 from leakkit.engine.objectives import relative_distance
+from leakkit.engine.spans import row_span
 from leakkit.errors import ConfigError, InputError
-from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, TextLayout, TextTask
+from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, SequenceClassification, TextLayout, TextTask
 from leakkit.text import analytic as ta
 from leakkit.text import decoder as dec
 from leakkit.text.decoders import TOKEN_DECODERS
@@ -65,6 +66,8 @@ class TextRecovery:
 ASSEMBLE_BUDGET = 150_000
 BEAM_PER_SENTENCE = 16  # partial sentences the encoder search keeps per sentence of the batch
 BEAM_PER_PARENT = 4  # of which at most this many extend the same partial sentence
+LENGTH_STARTS = 3  # local searches per possible sentence length (its closest hypothesis, then random ones)
+MOVE_RUN, MOVE_SHIFT = 3, 6  # `_SentenceSearch.improve` moves runs of up to 3 tokens by up to 6 positions
 NOISY_CANDIDATES = 4  # tokens ranked per position and sentence of the batch when the update is noisy
 
 
@@ -346,11 +349,14 @@ def assemble(
     layer's gradient reveals (zero only for a sentence the client really sent). The first layer
     lets through more tokens per position than the batch holds (a token seen at two positions
     links them, see `position_candidates`), the separator included, so sentences are grown, not
-    enumerated: a beam from the left, then one from every separator candidate to the left, then
-    a wider one from the left, stopping once `batch` sentences fit; the closest misses are then
-    improved one token at a time. At most `budget` hypotheses are scored: a defended (noisy)
-    update gives every position many candidates, and the search then returns its closest
-    hypotheses instead of running for hours. Under noise (`noise_std`) the second layer's span
+    enumerated: a beam from the left, then a local search on whole hypotheses of each length the
+    missing sentences can have (`_by_length`), then a beam from every separator candidate to the
+    left, then a wider one from the left, stopping once `batch` sentences fit; the closest misses
+    are then improved one token at a time. Each sentence found is taken out of the second layer's
+    gradient (`_SentenceSearch.deflate`, classification), so pieces of it no longer fit
+    elsewhere. At most `budget` hypotheses are scored: a defended (noisy) update gives every
+    position many candidates, and the search then returns its closest hypotheses instead of
+    running for hours. Under noise (`noise_std`) the second layer's span
     keeps only the directions above it and a sentence fits within a tolerance derived from the
     noise (`ta.noisy_span_tol`); hypotheses are still ranked by their residual.
 
@@ -394,7 +400,8 @@ def assemble(
 def _grow(search: "_SentenceSearch", batch: int) -> None:
     """One pass of `assemble`'s search over the search's current candidates."""
     width = BEAM_PER_SENTENCE * batch
-    for run in (lambda: search.forward(width), lambda: search.backward(width), lambda: search.forward(4 * width)):
+    stages = (lambda: search.forward(width), lambda: _by_length(search), lambda: search.backward(width), lambda: search.forward(4 * width))
+    for run in stages:
         if search.done():
             break
         run()
@@ -409,6 +416,25 @@ def _grow(search: "_SentenceSearch", batch: int) -> None:
             before = len(search.found)
             search.descend(search.random_start(L, [k for k in search.found if len(k) == L]))
             misses = 0 if len(search.found) > before else misses + 1
+
+
+def _by_length(search: "_SentenceSearch") -> None:
+    """Local search on whole hypotheses, one length at a time, over the lengths the missing
+    sentences can have (`_SentenceSearch.feasible_lengths`). The encoder attends both ways, so a
+    prefix beam loses a word whose fit needs its right-hand neighbour; a whole hypothesis with most
+    of its tokens right improves to the sentence (`_SentenceSearch.improve`). Each length starts
+    from its closest hypothesis so far, then from random ones, LENGTH_STARTS times at most."""
+    if search.noise:
+        return  # no hypothesis fits under noise, so nothing would tell the search to move on
+    tried: Counter[int] = Counter()
+    while not search.done():
+        lengths = [n for n in search.feasible_lengths() if tried[n] < LENGTH_STARTS]
+        if not lengths:
+            return
+        # the least tried length whose best hypothesis is closest goes first
+        n = min(lengths, key=lambda m: (tried[m], search.start_for(m)[1]))
+        tried[n] += 1
+        search.improve(search.start_for(n)[0])
 
 
 def _no_hypothesis(budget: int) -> InputError:
@@ -432,6 +458,25 @@ def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str], budge
     return [list(k) for k in kept] + [list(kept[i % len(kept)]) for i in range(batch - len(kept))]
 
 
+def _rearrangements(cur: list[int]) -> list[list[int]]:
+    """Every swap of two inner positions' tokens, and every run of up to MOVE_RUN inner tokens moved
+    by up to MOVE_SHIFT positions; the first and last tokens ([CLS], [SEP]) stay."""
+    n, out = len(cur), []
+    for i in range(1, n - 1):
+        for j in range(i + 1, n - 1):
+            if cur[i] != cur[j]:
+                h = list(cur)
+                h[i], h[j] = h[j], h[i]
+                out.append(h)
+    for a in range(1, n - 1):
+        for r in range(1, min(MOVE_RUN, n - 1 - a) + 1):
+            run, rest = cur[a : a + r], cur[:a] + cur[a + r :]
+            for b in range(max(1, a - MOVE_SHIFT), min(len(rest) - 1, a + MOVE_SHIFT) + 1):
+                if b != a:
+                    out.append(rest[:b] + run + rest[b:])
+    return out
+
+
 class _SentenceSearch:
     """The state of `assemble`'s search: hypotheses scored so far, sentences that fit, closest misses."""
 
@@ -440,8 +485,8 @@ class _SentenceSearch:
     ) -> None:
         self.task, self.observation, self.candidates, self.batch, self.budget = task, observation, candidates, batch, budget
         self.noise = noise_std
-        second = ta._weights(ta.attention_groups(task)[1])
-        self.tol = ta.noisy_span_tol(observation, second, noise_std, model=task.model) if noise_std > 0 else ta.SPAN_TOL
+        self.second = ta._weights(ta.attention_groups(task)[1])
+        self.tol = ta.noisy_span_tol(observation, self.second, noise_std, model=task.model) if noise_std > 0 else ta.SPAN_TOL
         self.cls, self.sep = task.boundary_ids()
         self.widen(candidates)
         self.gen = torch.Generator().manual_seed(seed)
@@ -449,6 +494,13 @@ class _SentenceSearch:
         self.found: dict[tuple[int, ...], float] = {}
         self.closest: dict[tuple[int, ...], float] = {}  # every whole hypothesis scored, with its residual
         self.scored = 0
+        self.exact: TextTask | None = None  # a float64 copy for `deflate`, made on first use
+        self.left: dict[str, torch.Tensor] = {}
+        self.where: list[int] = []
+        self.classes: dict[tuple[int, ...], int] = {}  # found sentences' classes, read off by `deflate`
+        self.starts: set[tuple[int, ...]] = set()  # hypotheses `improve` started from
+        span = ta.layer_span(task, observation, 1, noise_std=noise_std)
+        self.tokens, self.width = span.shape[1], span.shape[0]  # the batch's token count while below the width
 
     def widen(self, candidates: list[list[int]]) -> None:
         """Search over `candidates` from now on; what was found and scored so far is kept."""
@@ -485,8 +537,38 @@ class _SentenceSearch:
         for row, residual in zip(rows, residuals.tolist()):
             key = tuple(row)
             self.closest[key] = min(residual, self.closest.get(key, math.inf))
-            if residual < self.tol:
+            if residual < self.tol and key not in self.found:
                 self.found[key] = residual
+                self.deflate(key)
+
+    def deflate(self, row: tuple[int, ...]) -> None:
+        """Subtract a found sentence's own contribution from the second layer's gradient, so that
+        the span the search scores against holds only the sentences still missing. That layer's
+        inputs are nearly local: without this, a run of a found sentence's tokens at the positions
+        it holds there fits inside any hypothesis, and wrong sentences stitched from such runs
+        score as close as the missing ones. The contribution depends on the sentence's class: the
+        right one lowers the gradient's rank by the sentence's length, exactly (the others leave
+        it), so the class is found too (`self.classes`). Classification only (a masked-LM
+        sentence's contribution needs its masked labels), and not under noise."""
+        if self.noise or not isinstance(self.task, SequenceClassification) or self.observation.reduction not in ("mean", "sum"):
+            return
+        if self.exact is None:
+            self.exact = self.task.copy_to(dtype=torch.float64, device=self.dev)
+            names = [n for n, _ in self.exact.parameters()]
+            self.left = {n: self.observation.gradients[n].to(self.dev).double() for n in self.second}
+            self.where = [names.index(n) for n in self.second]
+        scale = 1.0 / self.batch if self.observation.reduction == "mean" else 1.0
+        rank = ta.layer_span(self.task, self.observation, 1).shape[1]
+        one = self.exact.with_layout(TextLayout(lengths=[len(row)]))
+        ids = torch.tensor([list(row)], device=self.dev)
+        for c in range(self.exact.num_classes):
+            grads = one.gradients(ids, torch.tensor([c], device=self.dev), reduction=self.observation.reduction)
+            rest = {n: self.left[n] - scale * grads[k] for n, k in zip(self.second, self.where)}
+            basis = row_span(torch.cat([rest[n] for n in self.second]))
+            if basis.shape[1] == rank - len(row):
+                self.left, self.classes[row] = rest, c
+                ta.set_layer_span(self.task, self.observation, 1, basis)
+                return
 
     def options(self, j: int) -> list[int]:
         return [t for t in self.candidates[j] if t not in (self.sep, self.cls)]
@@ -539,6 +621,62 @@ class _SentenceSearch:
             beam = self.prune(children, scores, len(beam), len(options), width, free) if children else []
             if j in self.ends:
                 beam.append((self.sep,))
+
+    def feasible_lengths(self) -> list[int]:
+        """Lengths a missing sentence can have: a separator candidate at its end, and the missing
+        sentences' lengths able to sum to the batch's token count (the rank of the second layer's
+        span, while below the model's width) less the found ones, one of them reaching the last position."""
+        allowed = sorted({e + 1 for e in self.ends} | {len(self.candidates)})
+        k = self.batch - len(self.found)
+        if k <= 0 or self.tokens >= self.width:
+            return allowed if k > 0 else []
+        rest, longest = self.tokens - sum(map(len, self.found)), len(self.candidates)
+        if all(len(f) < longest for f in self.found):
+            k, rest = k - 1, rest - longest
+            if k == 0 or rest <= 0:
+                return [longest] if rest == 0 else []
+        sums = [{0}]  # sums[c]: the totals c missing sentences can reach
+        for _ in range(k - 1):
+            sums.append({t + n for t in sums[-1] for n in allowed if t + n <= rest})
+        out = {n for n in allowed if rest - n in sums[k - 1]}
+        return sorted(out | ({longest} if out and longest not in map(len, self.found) else set()))
+
+    def start_for(self, n: int) -> tuple[list[int], float]:
+        """The closest hypothesis of length n scored so far that is neither found nor a start
+        already, with its residual; else a random one (residual inf)."""
+        best = min((k for k in self.closest if len(k) == n and k not in self.found and k not in self.starts), key=self.closest.__getitem__, default=None)
+        if best is None:
+            return self.random_start(n, [k for k in self.found if len(k) == n]), math.inf
+        return list(best), self.closest[best]
+
+    def improve(self, start: list[int]) -> None:
+        """Local search on one whole hypothesis until no move lowers its residual: each position's
+        best candidate in turn, then the best swap of two positions' tokens or run of up to
+        MOVE_RUN tokens moved by up to MOVE_SHIFT positions (the second layer's local minima: two
+        words in each other's place, a phrase shifted)."""
+        self.starts.add(tuple(start))
+        cur, slots = list(start), self.slots(len(start))
+        best = float(self.score([cur])[0])
+        while best >= self.tol and not self.done():
+            changed = False
+            for j, c in enumerate(slots):
+                if len(c) == 1 or self.done():
+                    continue
+                scores = self.score([cur[:j] + [t] + cur[j + 1 :] for t in c])
+                k = int(scores.argmin())
+                if float(scores[k]) < best:
+                    cur[j], best, changed = c[k], float(scores[k]), True
+            if changed or self.done():
+                continue
+            moves = _rearrangements(cur)
+            if not moves:
+                break
+            scores = self.score(moves)
+            k = int(scores.argmin())
+            if float(scores[k]) >= best:
+                break
+            cur, best = moves[k], float(scores[k])
+        self.record([cur], torch.tensor([best]))
 
     def random_start(self, L: int, avoid: list[tuple[int, ...]]) -> list[int]:
         """A random hypothesis of L tokens, away from the sentences in `avoid` where the candidates allow it."""
