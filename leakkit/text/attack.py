@@ -497,6 +497,7 @@ class _SentenceSearch:
         self.exact: TextTask | None = None  # a float64 copy for `deflate`, made on first use
         self.left: dict[str, torch.Tensor] = {}
         self.where: list[int] = []
+        self.order: list[int] = []  # classes in the order `deflate` tries them
         self.classes: dict[tuple[int, ...], int] = {}  # found sentences' classes, read off by `deflate`
         self.starts: set[tuple[int, ...]] = set()  # hypotheses `improve` started from
         span = ta.layer_span(task, observation, 1, noise_std=noise_std)
@@ -557,11 +558,14 @@ class _SentenceSearch:
             names = [n for n, _ in self.exact.parameters()]
             self.left = {n: self.observation.gradients[n].to(self.dev).double() for n in self.second}
             self.where = [names.index(n) for n in self.second]
+            # the classes the batch holds first: each pulls its output bias gradient down by 1/B
+            bias = self.observation.gradients.get(self.exact.classifier_parameter_names()[1])
+            self.order = bias.double().argsort().tolist() if bias is not None else list(range(self.exact.num_classes))
         scale = 1.0 / self.batch if self.observation.reduction == "mean" else 1.0
         rank = ta.layer_span(self.task, self.observation, 1).shape[1]
         one = self.exact.with_layout(TextLayout(lengths=[len(row)]))
         ids = torch.tensor([list(row)], device=self.dev)
-        for c in range(self.exact.num_classes):
+        for c in self.order:
             grads = one.gradients(ids, torch.tensor([c], device=self.dev), reduction=self.observation.reduction)
             rest = {n: self.left[n] - scale * grads[k] for n, k in zip(self.second, self.where)}
             basis = row_span(torch.cat([rest[n] for n in self.second]))
