@@ -424,11 +424,10 @@ def _by_length(search: "_SentenceSearch") -> None:
     prefix beam loses a word whose fit needs its right-hand neighbour; a whole hypothesis with most
     of its tokens right improves to the sentence (`_SentenceSearch.improve`). Each length starts
     from its closest hypothesis so far, then from random ones, LENGTH_STARTS times at most."""
-    if search.noise:
-        return  # no hypothesis fits under noise, so nothing would tell the search to move on
-    if not isinstance(search.task, SequenceClassification):
+    if not search.deflates:
         # without `deflate` pieces of found sentences fit inside every hypothesis: on held-out masked-LM
-        # batches this stage found nothing more and cost 30 % more time
+        # batches this stage found nothing more and cost 30 % more time (and under noise no hypothesis
+        # fits, so nothing would tell it to move on)
         return
     tried: Counter[int] = Counter()
     while not search.done():
@@ -504,6 +503,9 @@ class _SentenceSearch:
         self.order: list[int] = []  # classes in the order `deflate` tries them
         self.classes: dict[tuple[int, ...], int] = {}  # found sentences' classes, read off by `deflate`
         self.starts: set[tuple[int, ...]] = set()  # hypotheses `improve` started from
+        # `deflate` applies: a clean classification update (a masked-LM sentence's contribution needs
+        # its masked labels; under noise a sentence within the tolerance may be a near miss)
+        self.deflates = not noise_std and isinstance(task, SequenceClassification) and observation.reduction in ("mean", "sum")
         span = ta.layer_span(task, observation, 1, noise_std=noise_std)
         self.tokens, self.width = span.shape[1], span.shape[0]  # the batch's token count while below the width
 
@@ -554,8 +556,8 @@ class _SentenceSearch:
         score as close as the missing ones. The contribution depends on the sentence's class: the
         right one lowers the gradient's rank by the sentence's length, exactly (the others leave
         it), so the class is found too (`self.classes`). Classification only (a masked-LM
-        sentence's contribution needs its masked labels), and not under noise."""
-        if self.noise or not isinstance(self.task, SequenceClassification) or self.observation.reduction not in ("mean", "sum"):
+        sentence's contribution needs its masked labels), and not under noise (`self.deflates`)."""
+        if not self.deflates:
             return
         if self.exact is None:
             self.exact = self.task.copy_to(dtype=torch.float64, device=self.dev)
