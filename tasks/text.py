@@ -428,6 +428,25 @@ class MaskedLanguageModeling(TextTask):
         b = self.parameter_name(out.bias) if getattr(out, "bias", None) is not None else None
         return w or "", b
 
+    def transform_name(self) -> str | None:
+        """The linear layer that feeds the decoder (BERT's `cls.predictions.transform.dense`): the
+        one whose gradient's input span holds exactly the masked positions' states."""
+        decoder = self.model.get_output_embeddings()
+        order: list[str] = []
+        handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        dec_name = next((n for n, m in self.model.named_modules() if m is decoder), None)
+        try:
+            with torch.no_grad():
+                dev = next(self.model.parameters()).device
+                self.model(input_ids=torch.tensor([[int(self.tokenizer.cls_token_id or 0), int(self.tokenizer.sep_token_id or 1)]], device=dev))
+        finally:
+            for h in handles:
+                h.remove()
+        if dec_name in order:
+            i = order.index(dec_name)
+            return order[i - 1] if i > 0 else None
+        return order[-1] if order else None
+
     def mask(self, ids: torch.Tensor, lengths: list[int], *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT's masking (victim side): each non-special token is chosen with `mask_probability`
         (at least one per sentence); a chosen token becomes [MASK] 80 %, a random token 10 %,

@@ -468,13 +468,14 @@ def test_audit_without_utility_data_says_why_and_a_missing_file_is_one_line(cls_
     assert_one_line_error(run_cli(*base[:3], "task.num_classes=5", *base[4:], "--out", str(tmp_path / "c")), "task.num_classes=2")
 
 
-def _minilm_update(overrides: list[str], first: int, seed: int):
-    """The shipped MiniLM classifier, shipped sentences first.. (as many as the batch holds), and their update."""
+def _minilm_update(overrides: list[str], first: int, seed: int, *, head: str = "sequence-classification"):
+    """The shipped MiniLM (a classifier unless `head` says otherwise), shipped sentences first.. (as
+    many as the batch holds), and their update."""
     from leakkit.run.config import load_recipe
     from leakkit.run.text import build_text, client_update, make_text_batch
     from leakkit.text.data import embedded
 
-    recipe = load_recipe("bert-exact", ["task.name=sequence-classification", *overrides])
+    recipe = load_recipe("bert-exact", [f"task.name={head}", *overrides])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task = build_text(recipe, seed=0)
@@ -536,10 +537,51 @@ def test_a_found_sentence_is_taken_out_of_the_second_layers_span_with_its_class(
     assert search.tokens == sum(L)  # the span's rank is the batch's token count
     assert float(search.score([rows[0]]).max()) < 1e-5
     search.record([rows[0]], search.score([rows[0]]))
-    assert search.classes == {rows[0]: int(batch.labels[0])}
+    assert search.labels == {rows[0]: int(batch.labels[0])}
     assert ta.layer_span(finder, obs, 1).shape[1] == sum(L) - L[0]
     assert float(search.score(rows[1:]).max()) < 1e-5
     assert float(search.score([rows[0]])[0]) > 1e-2
+
+
+def test_a_found_masked_lm_sentence_is_taken_out_with_its_masked_labels() -> None:
+    """The masked LM's share of the gradient depends on the tokens under its masks: the right ones
+    (read off the decoder's gradient, checked by the rank drop) take the sentence out of the second
+    layer's span, and are the labels the client used."""
+    from leakkit.text.attack import _SentenceSearch, _span_finder
+
+    task, batch, obs = _minilm_update(["data.batch_size=4"], 4, seed=0, head="masked-lm")
+    finder = _span_finder(task, obs, "cpu")
+    L = batch.layout.lengths
+    rows = [tuple(batch.input_ids[i, :n].tolist()) for i, n in enumerate(L)]
+    search = _SentenceSearch(finder, obs, [[t] for t in rows[0]], 4, budget=10**6, seed=0)
+    assert search.deflates
+    search.record([rows[0]], search.score([rows[0]]))
+    truth = tuple((j, int(v)) for j, v in enumerate(batch.labels[0, : L[0]].tolist()) if v >= 0)
+    assert search.labels == {rows[0]: truth}
+    assert ta.layer_span(finder, obs, 1).shape[1] == sum(L) - L[0]
+    assert float(search.score(rows[1:]).max()) < 1e-5
+    assert float(search.score([rows[0]])[0]) > 1e-2
+
+
+def test_a_found_sentence_leaves_the_first_layers_candidates() -> None:
+    """Once a found sentence is subtracted from the first layer's gradient too, the (token,
+    position) pairs only it held stop being candidates, and the missing sentences keep theirs."""
+    from leakkit.text.attack import _SentenceSearch, _span_finder
+
+    task, batch, obs = _minilm_update(["data.batch_size=4"], 4, seed=0, head="masked-lm")
+    finder = _span_finder(task, obs, "cpu")
+    L = batch.layout.lengths
+    rows = [tuple(batch.input_ids[i, :n].tolist()) for i, n in enumerate(L)]
+    leaked = sorted({t for r in rows for t in r})  # a clean update leaks exactly the batch's tokens
+    candidates = ta.token_lists(ta.scored_position_candidates(finder, obs, tokens=leaked))
+    search = _SentenceSearch(finder, obs, candidates, 4, budget=10**6, seed=0)
+    before = search.candidates
+    search.record([rows[0]], search.score([rows[0]]))
+    after = search.candidates
+    assert all(r[j] in after[j] for r in rows[1:] for j in range(len(r)))
+    only = [(j, t) for j, t in enumerate(rows[0]) if all(len(r) <= j or r[j] != t for r in rows[1:])]
+    assert only and all(j >= len(after) or t not in after[j] for j, t in only)
+    assert sum(map(len, after)) < sum(map(len, before))
 
 
 def test_each_sentence_of_a_batch_is_verified_on_its_own() -> None:

@@ -24,11 +24,12 @@ from leakkit.client.defenses import noise_variance
 from leakkit.client.observation import Observation
 from leakkit.engine.matching import AttackConfig, StepCallback, reconstruct
 from leakkit.engine.objectives import relative_distance
-from leakkit.engine.spans import row_span
+from leakkit.engine.spans import row_span, span_residual
 from leakkit.errors import ConfigError, InputError
-from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, SequenceClassification, TextLayout, TextTask
+from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, TextLayout, TextTask
 from leakkit.text import analytic as ta
 from leakkit.text import decoder as dec
+from leakkit.text import deflation
 from leakkit.text.decoders import TOKEN_DECODERS
 
 EXACT_DISTANCE = 1e-5  # relative gradient distance below which a recovered batch reproduces the update
@@ -64,10 +65,11 @@ class TextRecovery:
 
 # hypotheses the encoder sentence search may score (about a minute on 2 cores for MiniLM)
 ASSEMBLE_BUDGET = 150_000
-BEAM_PER_SENTENCE = 16  # partial sentences the encoder search keeps per sentence of the batch
+BEAM_PER_SENTENCE = 8  # partial sentences the encoder search keeps per sentence of the batch
 BEAM_PER_PARENT = 4  # of which at most this many extend the same partial sentence
 LENGTH_STARTS = 3  # local searches per possible sentence length (its closest hypothesis, then random ones)
 MOVE_RUN, MOVE_SHIFT = 3, 6  # `_SentenceSearch.improve` moves runs of up to 3 tokens by up to 6 positions
+REBEAM_COST = 20_000  # a find that narrows the candidates below this beam cost starts a new beam (`_by_length`)
 NOISY_CANDIDATES = 4  # tokens ranked per position and sentence of the batch when the update is noisy
 
 
@@ -353,7 +355,7 @@ def assemble(
     missing sentences can have (`_by_length`), then a beam from every separator candidate to the
     left, then a wider one from the left, stopping once `batch` sentences fit; the closest misses
     are then improved one token at a time. Each sentence found is taken out of the second layer's
-    gradient (`_SentenceSearch.deflate`, classification), so pieces of it no longer fit
+    gradient (`_SentenceSearch.deflate`), so pieces of it no longer fit
     elsewhere. At most `budget` hypotheses are scored: a defended (noisy) update gives every
     position many candidates, and the search then returns its closest hypotheses instead of
     running for hours. Under noise (`noise_std`) the second layer's span
@@ -426,8 +428,8 @@ def _by_length(search: "_SentenceSearch") -> None:
     from its closest hypothesis so far, then from random ones, LENGTH_STARTS times at most."""
     if not search.deflates:
         # without `deflate` pieces of found sentences fit inside every hypothesis: on held-out masked-LM
-        # batches this stage found nothing more and cost 30 % more time (and under noise no hypothesis
-        # fits, so nothing would tell it to move on)
+        # batches, before `deflate` read masked labels, this stage found nothing more and cost 30 %
+        # more time (and under noise no hypothesis fits, so nothing would tell it to move on)
         return
     tried: Counter[int] = Counter()
     while not search.done():
@@ -437,7 +439,13 @@ def _by_length(search: "_SentenceSearch") -> None:
         # the least tried length whose best hypothesis is closest goes first
         n = min(lengths, key=lambda m: (tried[m], search.start_for(m)[1]))
         tried[n] += 1
+        before = len(search.found)
         search.improve(search.start_for(n)[0])
+        # each find narrows the candidates (`deflate`); once a beam over them is cheap it beats
+        # local search from hypotheses scored against the wider ones
+        width = BEAM_PER_SENTENCE * (search.batch - len(search.found))
+        if len(search.found) > before and not search.done() and width * sum(map(len, search.candidates)) <= REBEAM_COST:
+            search.forward(width)
 
 
 def _no_hypothesis(budget: int) -> InputError:
@@ -459,6 +467,13 @@ def _distinct(ranked: list[tuple[int, ...]], batch: int, notes: list[str], budge
         raise _no_hypothesis(budget)
     notes.append(f"noisy update: the {len(kept)} closest distinct hypotheses by the second layer's residual (not verified exact)")
     return [list(k) for k in kept] + [list(kept[i % len(kept)]) for i in range(batch - len(kept))]
+
+
+def _within(start: Sequence[int], slots: list[list[int]]) -> list[int]:
+    """`start` with each token its position no longer allows (`deflate` narrowed the candidates
+    since it was scored) replaced by the position's first candidate: the single-token moves skip
+    positions with one candidate, and would leave such a token in place."""
+    return [t if t in c else c[0] for t, c in zip(start, slots)]
 
 
 def _rearrangements(cur: list[int]) -> list[list[int]]:
@@ -488,31 +503,52 @@ class _SentenceSearch:
     ) -> None:
         self.task, self.observation, self.candidates, self.batch, self.budget = task, observation, candidates, batch, budget
         self.noise = noise_std
-        self.second = ta._weights(ta.attention_groups(task)[1])
+        groups = ta.attention_groups(task)
+        self.layer0, self.first, self.second = groups[0][0], ta._weights(groups[0]), ta._weights(groups[1])
         self.tol = ta.noisy_span_tol(observation, self.second, noise_std, model=task.model) if noise_std > 0 else ta.SPAN_TOL
         self.cls, self.sep = task.boundary_ids()
+        self.dev = next(task.model.parameters()).device
+        self.first_span: torch.Tensor | None = None  # the first layer's span without the found sentences (`deflate`)
         self.widen(candidates)
         self.gen = torch.Generator().manual_seed(seed)
-        self.dev = next(task.model.parameters()).device
         self.found: dict[tuple[int, ...], float] = {}
         self.closest: dict[tuple[int, ...], float] = {}  # every whole hypothesis scored, with its residual
         self.scored = 0
         self.exact: TextTask | None = None  # a float64 copy for `deflate`, made on first use
         self.left: dict[str, torch.Tensor] = {}
-        self.where: list[int] = []
-        self.order: list[int] = []  # classes in the order `deflate` tries them
-        self.classes: dict[tuple[int, ...], int] = {}  # found sentences' classes, read off by `deflate`
+        self.labels: dict[tuple[int, ...], Any] = {}  # found sentences' labels, read off by `deflate`
         self.starts: set[tuple[int, ...]] = set()  # hypotheses `improve` started from
-        # `deflate` applies: a clean classification update (a masked-LM sentence's contribution needs
-        # its masked labels; under noise a sentence within the tolerance may be a near miss)
-        self.deflates = not noise_std and isinstance(task, SequenceClassification) and observation.reduction in ("mean", "sum")
+        # under noise a sentence within the tolerance may be a near miss: `deflate` stays off
+        self.deflates = not noise_std and deflation.deflatable(task, observation)
         span = ta.layer_span(task, observation, 1, noise_std=noise_std)
         self.tokens, self.width = span.shape[1], span.shape[0]  # the batch's token count while below the width
 
     def widen(self, candidates: list[list[int]]) -> None:
-        """Search over `candidates` from now on; what was found and scored so far is kept."""
-        self.candidates = candidates
-        self.ends = [j for j, c in enumerate(candidates) if self.sep in c] or [len(candidates) - 1]
+        """Search over `candidates` from now on (less what left the first layer's span with the
+        found sentences); what was found and scored so far is kept."""
+        self.given = candidates
+        self.candidates = self.narrowed(candidates)
+        self.ends = [j for j, c in enumerate(self.candidates) if self.sep in c] or [len(self.candidates) - 1]
+
+    def narrowed(self, candidates: list[list[int]]) -> list[list[int]]:
+        """`candidates` whose first-layer input still lies in the first layer's span once the found
+        sentences are subtracted, up to the first position left with none. A (token, position)
+        pair only a found sentence held leaves that span, and so do the foreign pairs that passed
+        because it closed a cycle (see `ta.scored_position_candidates`)."""
+        if self.first_span is None:
+            return candidates
+        tokens = sorted({t for c in candidates for t in c})
+        grid = torch.tensor(tokens, device=self.dev)[:, None].expand(-1, len(candidates))
+        x = ta.capture_input(self.task.model, self.layer0, input_ids=grid, attention_mask=torch.ones_like(grid))
+        residual = span_residual(x, self.first_span.to(self.dev))  # [tokens, positions]
+        index = {t: k for k, t in enumerate(tokens)}
+        out = []
+        for j, c in enumerate(candidates):
+            kept = [t for t in c if float(residual[index[t], j]) < ta.SPAN_TOL]
+            if not kept:
+                break
+            out.append(kept)
+        return out
 
     def done(self) -> bool:
         # under noise a sentence within the tolerance may still be a near miss: search on, rank at the end
@@ -549,35 +585,34 @@ class _SentenceSearch:
                 self.deflate(key)
 
     def deflate(self, row: tuple[int, ...]) -> None:
-        """Subtract a found sentence's own contribution from the second layer's gradient, so that
-        the span the search scores against holds only the sentences still missing. That layer's
-        inputs are nearly local: without this, a run of a found sentence's tokens at the positions
-        it holds there fits inside any hypothesis, and wrong sentences stitched from such runs
-        score as close as the missing ones. The contribution depends on the sentence's class: the
-        right one lowers the gradient's rank by the sentence's length, exactly (the others leave
-        it), so the class is found too (`self.classes`). Classification only (a masked-LM
-        sentence's contribution needs its masked labels), and not under noise (`self.deflates`)."""
-        if not self.deflates:
+        """Subtract a found sentence's own share from the second layer's gradient, so that the span
+        the search scores against holds only the sentences still missing. That layer's inputs are
+        nearly local: without this, a run of a found sentence's tokens at the positions it holds
+        there fits inside any hypothesis, and wrong sentences stitched from such runs score as
+        close as the missing ones. The share depends on the sentence's label (its class, or its
+        masked positions' tokens): the right one lowers the gradient's rank by the sentence's
+        length, exactly, and the others leave it (`leakkit.text.deflation`), so the label is found
+        too (`self.labels`). Not under noise (`self.deflates`)."""
+        if not self.deflates or len(self.found) >= self.batch:  # nothing left to find
             return
+        names = self.first + self.second
         if self.exact is None:
             self.exact = self.task.copy_to(dtype=torch.float64, device=self.dev)
-            names = [n for n, _ in self.exact.parameters()]
-            self.left = {n: self.observation.gradients[n].to(self.dev).double() for n in self.second}
-            self.where = [names.index(n) for n in self.second]
-            # the classes the batch holds first: each pulls its output bias gradient down by 1/B
-            bias = self.observation.gradients.get(self.exact.classifier_parameter_names()[1])
-            self.order = bias.double().argsort().tolist() if bias is not None else list(range(self.exact.num_classes))
-        scale = 1.0 / self.batch if self.observation.reduction == "mean" else 1.0
-        rank = ta.layer_span(self.task, self.observation, 1).shape[1]
-        one = self.exact.with_layout(TextLayout(lengths=[len(row)]))
-        ids = torch.tensor([list(row)], device=self.dev)
-        for c in self.order:
-            grads = one.gradients(ids, torch.tensor([c], device=self.dev), reduction=self.observation.reduction)
-            rest = {n: self.left[n] - scale * grads[k] for n, k in zip(self.second, self.where)}
-            basis = row_span(torch.cat([rest[n] for n in self.second]))
-            if basis.shape[1] == rank - len(row):
-                self.left, self.classes[row] = rest, c
-                ta.set_layer_span(self.task, self.observation, 1, basis)
+            self.left = {n: self.observation.gradients[n].to(self.dev).double() for n in names}
+        # the rank test in the span's coordinates: a found sentence's share lies in it, and the
+        # SVD of [rows, rank] instead of [rows, width] is what lets many masked-label guesses be tried
+        span = ta.layer_span(self.task, self.observation, 1).to(self.dev)
+        left = torch.cat([self.left[n] for n in self.second]) @ span
+        k = len(self.first)
+        for share, label in deflation.shares(self.exact, self.observation, row, names, self.batch):
+            _, sv, vh = torch.linalg.svd(left - torch.cat(share[k:]) @ span, full_matrices=False)
+            rank = int((sv > 1e-6 * sv[0]).sum())  # `row_span`'s cut
+            if rank == span.shape[1] - len(row):
+                self.left = {n: self.left[n] - g for n, g in zip(names, share)}
+                self.labels[row] = label
+                ta.set_layer_span(self.task, self.observation, 1, span @ vh[:rank].T)
+                self.first_span = row_span(torch.cat([self.left[n] for n in self.first]))
+                self.widen(self.given)
                 return
 
     def options(self, j: int) -> list[int]:
@@ -601,12 +636,15 @@ class _SentenceSearch:
         free = {key[:j] for key in self.found for j in range(1, len(key))}
         first = self.candidates[0]
         beam: list[tuple[int, ...]] = [(self.cls,)] if self.cls in first else [(t,) for t in first]
-        for k in range(1, len(self.candidates)):
+        k = 0
+        while (k := k + 1) < len(self.candidates):  # `deflate` may shorten the candidates meanwhile
             if self.done() or not beam:
                 return
             if self.sep in self.candidates[k]:
                 whole = [p + (self.sep,) for p in beam]
                 self.record(whole, self.score(whole))
+            if k >= len(self.candidates):  # a find just narrowed them
+                return
             options = self.options(k)
             if not options:
                 return
@@ -621,6 +659,9 @@ class _SentenceSearch:
         for j in range(max(self.ends), 0, -1):
             if self.done():
                 return
+            if j >= len(self.candidates):  # `deflate` shortened the candidates meanwhile
+                beam = []
+                continue
             options = self.options(j)
             children = [(t,) + b for b in beam for t in options]
             scores = self.score(children, start=j) if children else torch.zeros(0)
@@ -665,7 +706,10 @@ class _SentenceSearch:
         MOVE_RUN tokens moved by up to MOVE_SHIFT positions (the second layer's local minima: two
         words in each other's place, a phrase shifted)."""
         self.starts.add(tuple(start))
-        cur, slots = list(start), self.slots(len(start))
+        slots = self.slots(len(start))
+        if not slots:
+            return
+        cur = _within(start, slots)
         best = float(self.score([cur])[0])
         while best >= self.tol and not self.done():
             changed = False
@@ -698,7 +742,10 @@ class _SentenceSearch:
 
     def descend(self, start: list[int]) -> None:
         """Coordinate descent on one whole hypothesis: each position in turn takes its best candidate."""
-        cur, slots = list(start), self.slots(len(start))
+        slots = self.slots(len(start))
+        if not slots:
+            return
+        cur = _within(start, slots)
         for _sweep in range(8):
             changed = False
             for j, c in enumerate(slots):
@@ -712,7 +759,10 @@ class _SentenceSearch:
         self.record([cur], self.score([cur]))
 
     def slots(self, L: int) -> list[list[int]]:
-        """Each position's candidates for a sentence of length L (separator last, [CLS] first)."""
+        """Each position's candidates for a sentence of length L (separator last, [CLS] first);
+        none when the candidates are shorter (`deflate` narrowed them)."""
+        if L > len(self.candidates):
+            return []
         out = []
         for j in range(L):
             c = self.candidates[j]
@@ -762,7 +812,7 @@ def _masked_labels(task: TextTask, observation: Observation, input_ids: torch.Te
     B, n, V = logits.shape
     real = TextLayout(lengths=lengths).attention_mask().bool().to(h.device)
     # which positions carry a label: their decoder input lies in the span the decoder gradient shows
-    head = _head_linear(task)
+    head = task.transform_name() if isinstance(task, MaskedLanguageModeling) else None
     if head is not None and f"{head}.weight" in grads:
         z = ta.capture_input(task.model, head, input_ids=input_ids, attention_mask=real.long())
         basis = ta.input_span(observation, [f"{head}.weight"])
@@ -798,25 +848,6 @@ def _masked_labels(task: TextTask, observation: Observation, input_ids: torch.Te
     for r, c in zip(rows, cols):
         labels[where[r, 0], where[r, 1]] = label_pool[c]
     return labels
-
-
-def _head_linear(task: TextTask) -> str | None:
-    """The linear layer that feeds the masked-LM decoder (BERT's transform.dense)."""
-    decoder = task.model.get_output_embeddings()
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n)) for n, m in task.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    dec_name = next((n for n, m in task.model.named_modules() if m is decoder), None)
-    try:
-        with torch.no_grad():
-            dev = next(task.model.parameters()).device
-            task.model(input_ids=torch.tensor([[int(task.tokenizer.cls_token_id or 0), int(task.tokenizer.sep_token_id or 1)]], device=dev))
-    finally:
-        for h in handles:
-            h.remove()
-    if dec_name in order:
-        i = order.index(dec_name)
-        return order[i - 1] if i > 0 else None
-    return order[-1] if order else None
 
 
 def _swap_labels(task: TextTask, observation: Observation, input_ids: torch.Tensor, lengths: list[int], labels: torch.Tensor, distance: float, *, budget: int = 200) -> tuple[torch.Tensor, float]:
