@@ -238,6 +238,7 @@ def exact(
         rows = [[leak.tokens[int(t)] for t in S.argmax(0)]]
         if off >= 0.05:
             notes.append(f"order read from a noisy position gradient (largest deviation from 0/1: {off:.2f})")
+    read: dict[tuple[int, ...], Any] = {}  # masked labels the sentence search read off
     if rows is None:
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
@@ -257,12 +258,23 @@ def exact(
         budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
         # a clean update: the batch's own pairs first (under noise every residual sits above float32's floor)
         first = ta.tight_candidates(scored) if noise == 0 else None
-        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget, noise_std=noise, first=first)  # type: ignore[arg-type]
+        rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget, noise_std=noise, first=first, labels=read)  # type: ignore[arg-type]
         del finder
     input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
     labels = _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
+    if masked_lm and distance > EXACT_DISTANCE and any(tuple(r) in read for r in rows):
+        # the search's masked labels, read off with each sentence's subtraction, where it has them
+        alt = labels.clone()
+        for b, r in enumerate(rows):
+            if tuple(r) in read:
+                alt[b] = -100
+                for j, v in read[tuple(r)]:
+                    alt[b, j] = v
+        d = gradient_distance(work, observation, input_ids, lengths, alt)
+        if d < distance:
+            labels, distance = alt, d
     if masked_lm and distance > EXACT_DISTANCE:
         labels, distance = _swap_labels(work, observation, input_ids, lengths, labels, distance)
     status = "exact" if distance < EXACT_DISTANCE else "approximate"
@@ -343,7 +355,7 @@ def _decoder_exact(task: CausalLanguageModeling, observation: Observation, *, de
 
 def assemble(
     task: TextTask, observation: Observation, candidates: list[list[int]], batch: int, *, seed: int, notes: list[str],
-    budget: int = ASSEMBLE_BUDGET, noise_std: float = 0.0, first: list[list[int]] | None = None,
+    budget: int = ASSEMBLE_BUDGET, noise_std: float = 0.0, first: list[list[int]] | None = None, labels: dict[tuple[int, ...], Any] | None = None,
 ) -> list[list[int]]:
     """Split per-position candidate tokens into `batch` sentences.
 
@@ -365,6 +377,7 @@ def assemble(
     Args:
         first: a narrower candidate list to search first (`ta.tight_candidates`); the search goes on
             over `candidates`, keeping what it found, only while the batch is short.
+        labels: filled with the labels the search read off the sentences it found (`_SentenceSearch.labels`).
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
@@ -383,6 +396,8 @@ def assemble(
     if search.scored >= budget:
         notes.append(f"sentence search stopped after its budget of {budget} hypotheses")
     found, closest = search.found, search.closest
+    if labels is not None:
+        labels.update(search.labels)
     if noise_std > 0:
         return _distinct(sorted(closest, key=lambda k: closest[k]), batch, notes, budget)
     sentences = sorted(found, key=lambda k: found[k])
