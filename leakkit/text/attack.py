@@ -620,12 +620,11 @@ class _SentenceSearch:
         left = torch.cat([self.left[n] for n in self.second]) @ span
         k = len(self.first)
         for share, label in deflation.shares(self.exact, self.observation, row, names, self.batch):
-            _, sv, vh = torch.linalg.svd(left - torch.cat(share[k:]) @ span, full_matrices=False)
-            rank = int((sv > 1e-6 * sv[0]).sum())  # `row_span`'s cut
-            if rank == span.shape[1] - len(row):
+            basis = row_span(left - torch.cat(share[k:]) @ span)  # [rank, rank - found], in the span's coordinates
+            if basis.shape[1] == span.shape[1] - len(row):
                 self.left = {n: self.left[n] - g for n, g in zip(names, share)}
                 self.labels[row] = label
-                ta.set_layer_span(self.task, self.observation, 1, span @ vh[:rank].T)
+                ta.set_layer_span(self.task, self.observation, 1, span @ basis.to(span))
                 self.first_span = row_span(torch.cat([self.left[n] for n in self.first]))
                 self.widen(self.given)
                 return
