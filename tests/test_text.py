@@ -256,6 +256,10 @@ def test_text_metrics() -> None:
     assert 0 < r["rouge1"] < 1 and r["rouge2"] == 0.0
     assert metrics.token_accuracy([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
     assert metrics.best_match_text(["a b c", "x y z"], ["x y z", "a b d"]) == [1, 0]
+    # one bag of words in two orders: each sentence is paired with its own order
+    refs = ["the person responsible confessed", "the person confessed responsible"]
+    assert metrics.best_match_text(refs, refs[::-1]) == [1, 0]
+    assert metrics.best_match_text(refs, refs) == [0, 1]
 
 
 # --- command line -------------------------------------------------------------------------------
@@ -537,7 +541,7 @@ def test_a_found_sentence_is_taken_out_of_the_second_layers_span_with_its_class(
     assert search.tokens == sum(L)  # the span's rank is the batch's token count
     assert float(search.score([rows[0]]).max()) < 1e-5
     search.record([rows[0]], search.score([rows[0]]))
-    assert search.labels == {rows[0]: int(batch.labels[0])}
+    assert search.labels == {rows[0]: (int(batch.labels[0]), True)}
     assert ta.layer_span(finder, obs, 1).shape[1] == sum(L) - L[0]
     assert float(search.score(rows[1:]).max()) < 1e-5
     assert float(search.score([rows[0]])[0]) > 1e-2
@@ -557,10 +561,42 @@ def test_a_found_masked_lm_sentence_is_taken_out_with_its_masked_labels() -> Non
     assert search.deflates
     search.record([rows[0]], search.score([rows[0]]))
     truth = tuple((j, int(v)) for j, v in enumerate(batch.labels[0, : L[0]].tolist()) if v >= 0)
-    assert search.labels == {rows[0]: truth}
+    assert search.labels == {rows[0]: (truth, True)}
     assert ta.layer_span(finder, obs, 1).shape[1] == sum(L) - L[0]
     assert float(search.score(rows[1:]).max()) < 1e-5
     assert float(search.score([rows[0]])[0]) > 1e-2
+    # the rest in turn: the last one has no rank left to lower, and its labels are still read
+    for b in range(1, 4):
+        search.record([rows[b]], search.score([rows[b]]))
+    truths = {r: tuple((j, int(v)) for j, v in enumerate(batch.labels[b, : L[b]].tolist()) if v >= 0) for b, r in enumerate(rows)}
+    assert search.labels == {r: (t, True) for r, t in truths.items()}
+
+
+def test_label_fit_finds_a_pick_several_slots_away_from_the_likeliest() -> None:
+    """`deflation.fit` on a linear system built to the masked LM's shape: a gradient that is the
+    rest of a batch (rank 20) plus one sentence's share (rank 10 more), the share a sum over slots
+    of one matrix per value. From the likeliest pick, three slots off, it finds the pick that
+    lowers the rank by the sentence's length, and says so; where no pick can, it says it failed."""
+    from leakkit.text import deflation
+
+    gen = torch.Generator().manual_seed(0)
+    rows, width, n = 60, 40, 10
+    basis = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64))[0]
+    others, own = basis[:, :20], basis[:, 20:30]
+    parts = [[torch.randn(rows, n, generator=gen, dtype=torch.float64) @ own.T for _ in range(5)] for _ in range(6)]
+    right = (2, 0, 4, 0, 1, 0)
+
+    def share(pick: tuple[int, ...], start: int) -> list[torch.Tensor]:
+        return [sum(parts[i][r] for i, r in enumerate(pick))][start:]
+
+    rest = torch.randn(rows, 20, generator=gen, dtype=torch.float64) @ others.T + share(right, 0)[0]
+    span = basis[:, :30]
+    options = deflation.Choices([list(range(5))] * 6, share, lambda pick: pick)
+    got, label, passed = deflation.fit(options, rest, span, n)
+    assert passed and label == right
+    assert torch.linalg.matrix_rank(rest - got[0]) == 20
+    _, _, passed = deflation.fit(options, rest + 1e-3 * torch.randn(rows, width, generator=gen, dtype=torch.float64) @ span @ span.T, span, n)
+    assert not passed
 
 
 def test_a_found_sentence_leaves_the_first_layers_candidates() -> None:

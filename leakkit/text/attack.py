@@ -238,7 +238,7 @@ def exact(
         rows = [[leak.tokens[int(t)] for t in S.argmax(0)]]
         if off >= 0.05:
             notes.append(f"order read from a noisy position gradient (largest deviation from 0/1: {off:.2f})")
-    read: dict[tuple[int, ...], Any] = {}  # masked labels the sentence search read off
+    read: dict[tuple[int, ...], tuple[Any, bool]] = {}  # labels the sentence search read off, and whether the rank drop proved them
     if rows is None:
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
@@ -263,15 +263,14 @@ def exact(
     input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
     labels = _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
+    if masked_lm:
+        # masked labels the rank drop proved are kept whatever the rest of the batch (a missing
+        # sentence's stand-in would pull a re-inference off them)
+        labels = _with_read(labels, rows, {r: v for r, (v, proven) in read.items() if proven})
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
-    if masked_lm and distance > EXACT_DISTANCE and any(tuple(r) in read for r in rows):
-        # the search's masked labels, read off with each sentence's subtraction, where it has them
-        alt = labels.clone()
-        for b, r in enumerate(rows):
-            if tuple(r) in read:
-                alt[b] = -100
-                for j, v in read[tuple(r)]:
-                    alt[b, j] = v
+    guessed = {r: v for r, (v, proven) in read.items() if not proven}
+    if masked_lm and distance > EXACT_DISTANCE and any(tuple(r) in guessed for r in rows):
+        alt = _with_read(labels, rows, guessed)
         d = gradient_distance(work, observation, input_ids, lengths, alt)
         if d < distance:
             labels, distance = alt, d
@@ -377,7 +376,8 @@ def assemble(
     Args:
         first: a narrower candidate list to search first (`ta.tight_candidates`); the search goes on
             over `candidates`, keeping what it found, only while the batch is short.
-        labels: filled with the labels the search read off the sentences it found (`_SentenceSearch.labels`).
+        labels: filled with the labels the search read off the sentences it found, each with
+            whether the rank drop proved it (`_SentenceSearch.labels`).
     """
     if batch == 1 and all(len(c) == 1 for c in candidates):
         return [[c[0] for c in candidates]]
@@ -463,6 +463,17 @@ def _by_length(search: "_SentenceSearch") -> None:
             search.forward(width)
 
 
+def _with_read(labels: torch.Tensor, rows: list[list[int]], read: dict[tuple[int, ...], Any]) -> torch.Tensor:
+    """`labels` [B, n] with each sentence in `read` given its read (position, token) pairs."""
+    out = labels.clone()
+    for b, r in enumerate(rows):
+        if tuple(r) in read:
+            out[b] = -100
+            for j, v in read[tuple(r)]:
+                out[b, j] = v
+    return out
+
+
 def _no_hypothesis(budget: int) -> InputError:
     return InputError(f"no whole sentence was formed within the search budget of {budget} hypotheses: raise attack.search_budget")
 
@@ -531,7 +542,7 @@ class _SentenceSearch:
         self.scored = 0
         self.exact: TextTask | None = None  # a float64 copy for `deflate`, made on first use
         self.left: dict[str, torch.Tensor] = {}
-        self.labels: dict[tuple[int, ...], Any] = {}  # found sentences' labels, read off by `deflate`
+        self.labels: dict[tuple[int, ...], tuple[Any, bool]] = {}  # found sentences' labels (`deflate`), and whether proven
         self.starts: set[tuple[int, ...]] = set()  # hypotheses `improve` started from
         # under noise a sentence within the tolerance may be a near miss: `deflate` stays off
         self.deflates = not noise_std and deflation.deflatable(task, observation)
@@ -607,27 +618,32 @@ class _SentenceSearch:
         close as the missing ones. The share depends on the sentence's label (its class, or its
         masked positions' tokens): the right one lowers the gradient's rank by the sentence's
         length, exactly, and the others leave it (`leakkit.text.deflation`), so the label is found
-        too (`self.labels`). Not under noise (`self.deflates`)."""
-        if not self.deflates or len(self.found) >= self.batch:  # nothing left to find
+        too (`self.labels`). The batch's last sentence has no rank left to lower: its label is
+        the one that leaves nothing. Not under noise (`self.deflates`)."""
+        if not self.deflates or len(self.found) > self.batch:
             return
         names = self.first + self.second
         if self.exact is None:
             self.exact = self.task.copy_to(dtype=torch.float64, device=self.dev)
             self.left = {n: self.observation.gradients[n].to(self.dev).double() for n in names}
-        # the rank test in the span's coordinates: a found sentence's share lies in it, and the
-        # SVD of [rows, rank] instead of [rows, width] is what lets many masked-label guesses be tried
         span = ta.layer_span(self.task, self.observation, 1).to(self.dev)
-        left = torch.cat([self.left[n] for n in self.second]) @ span
+        rest = torch.cat([self.left[n] for n in self.second])
+        options = deflation.choices(self.exact, self.observation, row, names, self.batch)
+        if options is None:
+            return
         k = len(self.first)
-        for share, label in deflation.shares(self.exact, self.observation, row, names, self.batch):
-            basis = row_span(left - torch.cat(share[k:]) @ span)  # [rank, rank - found], in the span's coordinates
-            if basis.shape[1] == span.shape[1] - len(row):
-                self.left = {n: self.left[n] - g for n, g in zip(names, share)}
-                self.labels[row] = label
-                ta.set_layer_span(self.task, self.observation, 1, span @ basis.to(span))
-                self.first_span = row_span(torch.cat([self.left[n] for n in self.first]))
-                self.widen(self.given)
-                return
+        whole = None
+        if len(self.found) == self.batch:
+            whole = float(torch.linalg.matrix_norm(torch.cat([self.observation.gradients[n].double() for n in self.second]), ord=2))
+        share, label, passed = deflation.fit(options, rest, span, len(row), tested=k, whole=whole)
+        # an unproven label is still a guess `exact` may keep where its gradient comes closer
+        self.labels[row] = (label, passed)
+        if passed and len(self.found) < self.batch:
+            self.left = {m: self.left[m] - g for m, g in zip(names, share)}
+            basis = row_span((rest - torch.cat(share[k:])) @ span)  # [rank, rank - found], in the span's coordinates
+            ta.set_layer_span(self.task, self.observation, 1, span @ basis.to(span))
+            self.first_span = row_span(torch.cat([self.left[m] for m in self.first]))
+            self.widen(self.given)
 
     def options(self, j: int) -> list[int]:
         return [t for t in self.candidates[j] if t not in (self.sep, self.cls)]
