@@ -104,6 +104,8 @@ def fit(
     scale = whole if length >= total else None
     pick = (0,) * len(options.slots)
     seen = {pick}
+    if length > total:  # a span saturated at the layer's width: no rank drop can show
+        return options.share(pick, 0), options.label(pick), False
     for _ in range(sweeps):
         share = options.share(pick, tested)
         m = left - torch.cat(share) @ span
