@@ -592,11 +592,11 @@ def test_label_fit_finds_a_pick_several_slots_away_from_the_likeliest() -> None:
     rest = torch.randn(rows, 20, generator=gen, dtype=torch.float64) @ others.T + share(right, 0)[0]
     span = basis[:, :30]
     options = deflation.Choices([list(range(5))] * 6, share, lambda pick: pick)
-    got, label, passed = deflation.fit(options, rest, span, n)
-    assert passed and label == right
-    assert torch.linalg.matrix_rank(rest - got[0]) == 20
-    _, _, passed = deflation.fit(options, rest + 1e-3 * torch.randn(rows, width, generator=gen, dtype=torch.float64) @ span @ span.T, span, n)
-    assert not passed
+    got, label, basis = deflation.fit(options, rest, span, n)
+    assert basis is not None and label == right
+    assert torch.linalg.matrix_rank(rest - got[0]) == 20 and basis.shape == (30, 20)
+    _, _, basis = deflation.fit(options, rest + 1e-3 * torch.randn(rows, width, generator=gen, dtype=torch.float64) @ span @ span.T, span, n)
+    assert basis is None
 
 
 def test_a_found_sentence_leaves_the_first_layers_candidates() -> None:

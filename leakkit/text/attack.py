@@ -635,13 +635,12 @@ class _SentenceSearch:
         whole = None
         if len(self.found) == self.batch:
             whole = float(torch.linalg.matrix_norm(torch.cat([self.observation.gradients[n].double() for n in self.second]), ord=2))
-        share, label, passed = deflation.fit(options, rest, span, len(row), tested=k, whole=whole)
+        share, label, basis = deflation.fit(options, rest, span, len(row), tested=k, whole=whole)
         # an unproven label is still a guess `exact` may keep where its gradient comes closer
-        self.labels[row] = (label, passed)
-        if passed and len(self.found) < self.batch:
+        self.labels[row] = (label, basis is not None)
+        if basis is not None and len(self.found) < self.batch:
             self.left = {m: self.left[m] - g for m, g in zip(names, share)}
-            basis = row_span((rest - torch.cat(share[k:])) @ span)  # [rank, rank - found], in the span's coordinates
-            ta.set_layer_span(self.task, self.observation, 1, span @ basis.to(span))
+            ta.set_layer_span(self.task, self.observation, 1, span @ basis)  # basis: [rank, rank - found], in the span's coordinates
             self.first_span = row_span(torch.cat([self.left[m] for m in self.first]))
             self.widen(self.given)
 

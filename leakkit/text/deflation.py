@@ -76,7 +76,7 @@ def choices(task: TextTask, observation: Observation, row: Sequence[int], names:
 def fit(
     options: Choices, rest: torch.Tensor, span: torch.Tensor, length: int, *, tested: int = 0, whole: float | None = None,
     sweeps: int = LABEL_SWEEPS,
-) -> tuple[list[torch.Tensor], Any, bool]:
+) -> tuple[list[torch.Tensor], Any, torch.Tensor | None]:
     """The pick whose share, taken out of `rest`, lowers its rank by the sentence's `length`.
 
     The share is linear in the pick (a sum over slots), and the right pick leaves `rest` an
@@ -97,22 +97,23 @@ def fit(
             (float32's rounding of it is what the right pick leaves; the sentence's own share
             may be far smaller).
     Returns:
-        (share of every name, label, passed) for the last pick tried.
+        (share of every name, label, basis) for the last pick tried; basis [T, T - length] spans
+        what that pick leaves, in the span's coordinates, where it passed, and is None where not.
     """
     total = span.shape[1]
+    pick = (0,) * len(options.slots)
+    if length > total:  # a span saturated at the layer's width: no rank drop can show
+        return options.share(pick, 0), options.label(pick), None
     left = rest @ span
     scale = whole if length >= total else None
-    pick = (0,) * len(options.slots)
     seen = {pick}
-    if length > total:  # a span saturated at the layer's width: no rank drop can show
-        return options.share(pick, 0), options.label(pick), False
     for _ in range(sweeps):
         share = options.share(pick, tested)
         m = left - torch.cat(share) @ span
         _, s, vh = np.linalg.svd(m.cpu().numpy(), full_matrices=False)  # numpy's LAPACK, as `row_span`
         cut = LAST_TOL * scale if scale else 1e-6 * s[0]  # `row_span`'s cut, or what may be left of the whole
         if int((s > cut).sum()) == total - length:
-            return options.share(pick, 0), options.label(pick), True
+            return options.share(pick, 0), options.label(pick), torch.from_numpy(np.ascontiguousarray(vh[: total - length].T)).to(span)
         z = torch.from_numpy(vh[total - length :].T.copy()).to(span)  # [T, n]: where what is left is smallest
         null = span @ z  # the same directions, [width, n]
         here = torch.cat(share) @ null
@@ -133,7 +134,7 @@ def fit(
         if pick in seen:
             break
         seen.add(pick)
-    return options.share(pick, 0), options.label(pick), False
+    return options.share(pick, 0), options.label(pick), None
 
 
 def _changed(pick: tuple[int, ...], slot: int, to: int) -> tuple[int, ...]:
