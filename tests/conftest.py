@@ -11,6 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one torch thread per worker (and per CLI it starts): two workers on two cores, not four threads
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # Tiny, fast recipe settings for end-to-end checks: a 16x16 LeNet attacked for a few steps.
 FAST = ["task.image_size=16", "task.num_classes=10", "attack.steps=3", "attack.restarts=1", "attack.inner_steps=2"]
 
