@@ -19,6 +19,7 @@ Rows (name: recipe and overrides):
   tiger            tiger-bert (subspace objective over soft-token mixtures, then discrete moves) on CoLA
   bert-base        bert-exact on a randomly initialised bert-base-shaped masked LM (seconds, peak memory)
   bert-base-b4     the same, batch 4 (the beam sentence search)
+  bert-base-cls-frozen / -b4  classification on that shape, word and position embedding gradients withheld
   held out (nothing was tuned on these sentences):
   mlm-sst2         bert-exact, masked LM, batch 1 (seconds per sentence)
   tiger-sst2       tiger-bert on SST-2
@@ -94,8 +95,14 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
 }
 
 
-# rows on a random bert-base-shaped masked LM, built at run time: name -> (overrides, default sentence count)
-BERT_BASE: dict[str, tuple[list[str], int]] = {"bert-base": ([], 10), "bert-base-b4": (["data.batch_size=4"], 8)}
+# rows on a random bert-base-shaped model, built at run time: name -> (recipe, data, overrides, default sentence count)
+_CLS_FROZEN = ["task.name=sequence-classification", "task.frozen=word_embeddings,position_embeddings"]
+BERT_BASE: dict[str, tuple[str, str, list[str], int]] = {
+    "bert-base": ("bert-exact", "cola", [], 10),
+    "bert-base-b4": ("bert-exact", "cola", ["data.batch_size=4"], 8),
+    "bert-base-cls-frozen": ("bert-exact", "sst2", _CLS_FROZEN, 8),
+    "bert-base-cls-frozen-b4": ("bert-exact", "sst2", [*_CLS_FROZEN, "data.batch_size=4"], 8),
+}
 
 
 def bert_base_dir() -> str:
@@ -125,7 +132,8 @@ def held_out(path: Path, skip: int, n: int, into: str) -> str:
 
 def run_row(name: str, n: int | None, seed: int, skip: int = 0) -> dict[str, Any]:
     if name in BERT_BASE:
-        recipe, data, overrides, default = "bert-exact", "cola", [f"task.model={bert_base_dir()}", *BERT_BASE[name][0]], BERT_BASE[name][1]
+        recipe, data, extra, default = BERT_BASE[name]
+        overrides = [f"task.model={bert_base_dir()}", *extra]
     else:
         recipe, data, overrides, default = ROWS[name]
     r = load_recipe(recipe, overrides)
