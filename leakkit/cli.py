@@ -408,8 +408,9 @@ def _utility_hint(console: Any, spec: Any) -> None:
     recipe = spec.resolve(spec.recipe)
     if utility_available(recipe):
         return
-    why = ("a text classifier's utility needs labelled sentences: utility.data=FILE.tsv"
-           if recipe.task.name == "sequence-classification" else f"no utility measure for task {recipe.task.name}")
+    whys = {"sequence-classification": "a text classifier's utility needs labelled sentences: utility.data=FILE.tsv",
+            "masked-lm": "a masked LM's utility needs sentences to fine-tune on: utility.data=FILE"}
+    why = whys.get(recipe.task.name, f"no utility measure for task {recipe.task.name}")
     console.print(f"utility not measured ({why})")
 
 

@@ -95,33 +95,65 @@ TEXT_TEST = 400  # held-out sentences at most; the file's remaining sentences tr
 
 
 def text_utility_data(recipe: Recipe) -> str | None:
-    """The labelled sentence file a text classification audit trains on, or None (no utility)."""
+    """The sentence file a text audit fine-tunes on (labelled for classification), or None (no utility)."""
     return recipe.utility.data or None
 
 
-@UTILITY.register(
-    "sequence-classification",
-    description=f"fine-tune the recipe's classifier on the labelled sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}) "
-                f"under the defense; accuracy on up to {TEXT_TEST} held-out sentences of the same file",
-)
-def sentence_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Scorer:
+    """What a text task's fine-tune needs besides the loop: which sentences it can use, a batch of
+    them for training step `step`, and the held-out score (correct, counted) of a chunk."""
+
+    usable: Callable[[Any], bool]
+    batch: Callable[[Any, list[Any], int], Any]
+    score: Callable[[Any, Any], tuple[int, int]]
+    measure: str
+
+
+def _classified(task: Any, b: Any) -> tuple[int, int]:
+    logits = task.model(input_ids=b.input_ids, attention_mask=b.layout.attention_mask()).logits
+    return int((logits.argmax(-1) == b.labels).sum()), len(b.labels)
+
+
+def _unmasked(task: Any, b: Any) -> tuple[int, int]:
+    logits = task.model(input_ids=b.input_ids, attention_mask=b.layout.attention_mask()).logits
+    masked = b.labels >= 0
+    return int((logits.argmax(-1)[masked] == b.labels[masked]).sum()), int(masked.sum())
+
+
+def _make(task: Any, samples: list[Any], step: int) -> Any:
+    from leakkit.run.text import make_text_batch
+
+    # masked LM: fresh masks every step, as a client draws them (classification ignores the seed)
+    return make_text_batch(task, samples, seed=step)
+
+
+_SCORERS = {
+    "sequence-classification": _Scorer(lambda s: s.label is not None, _make, _classified, "held-out accuracy"),
+    "masked-lm": _Scorer(lambda s: True, _make, _unmasked, "held-out masked-token accuracy (top 1)"),
+}
+
+
+def _fine_tune(recipe: Recipe, seed: int, scorer: _Scorer) -> dict[str, Any]:
+    """Fine-tune the recipe's text model as a FedSGD client under its defense; score held-out sentences."""
     from leakkit.errors import InputError
-    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.run.text import build_text, client_update
     from leakkit.text.data import read_input
 
     path = text_utility_data(recipe)
     if path is None:
-        raise InputError("text utility needs labelled sentences: utility.data=FILE.tsv")
+        raise InputError(f"text utility needs sentences to fine-tune on: utility.data=FILE ({recipe.task.name})")
     u = recipe.utility
     steps, size, lr = u.steps or TEXT_STEPS, u.batch or TEXT_BATCH, u.lr or TEXT_LR
     # the audited model at the audited seed, trained as a FedSGD client: one step per update, no local epochs
     client_recipe = dataclasses.replace(recipe, client=ClientSpec())
     task = build_text(recipe, seed=seed)
-    labelled = [s for s in read_input(path) if s.label is not None]
+    everything = read_input(path)
+    usable = [s for s in everything if scorer.usable(s)]
     # sentences longer than the model takes are left out rather than cut: a cut sentence is other data
-    pool = [s for s in labelled if len(task.tokenizer(s.text)["input_ids"]) <= task.max_length]
+    pool = [s for s in usable if len(task.tokenizer(s.text)["input_ids"]) <= task.max_length]
     if len(pool) < 2 * size:
-        raise InputError(f"utility.data {path}: {len(pool)} labelled sentences that fit the model; at least {2 * size} are needed")
+        raise InputError(f"utility.data {path}: {len(pool)} usable sentences that fit the model; at least {2 * size} are needed")
     order = np.random.default_rng(seed).permutation(len(pool))
     n_test = min(TEXT_TEST, len(pool) // 4)
     test, train = [pool[i] for i in order[:n_test]], [pool[i] for i in order[n_test:]]
@@ -130,28 +162,28 @@ def sentence_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
     rng = np.random.default_rng(seed + 1)
     started = time.perf_counter()
 
-    def batch() -> Any:
-        return make_text_batch(task, [train[i] for i in rng.choice(len(train), size, replace=False)], seed=0)
+    def batch(step: int) -> Any:
+        return scorer.batch(task, [train[i] for i in rng.choice(len(train), size, replace=False)], step)
 
     for step in range(steps):
-        update = client_update(task, batch(), client_recipe, seed=seed, batch_index=step, other_batches=lambda k: [batch() for _ in range(k)])
+        update = client_update(task, batch(step), client_recipe, seed=seed, batch_index=step,
+                               other_batches=lambda k, step=step: [batch(step) for _ in range(k)])
         opt.zero_grad(set_to_none=True)
         for n, p in params.items():
             if n in update.gradients:  # frozen parameters are not shared, so the server cannot train them
                 p.grad = update.gradients[n].to(p)
         opt.step()
-    correct = 0
+    correct = counted = 0
     task.model.eval()
     with torch.no_grad():
         for k in range(0, len(test), 64):
-            chunk = test[k : k + 64]
-            b = make_text_batch(task, chunk, seed=0)
-            logits = task.model(input_ids=b.input_ids, attention_mask=b.layout.attention_mask()).logits
-            correct += int((logits.argmax(-1) == b.labels).sum())
+            c, n = scorer.score(task, scorer.batch(task, test[k : k + 64], 0))  # fixed test masks
+            correct, counted = correct + c, counted + n
     return {
-        "accuracy": correct / len(test),
+        "accuracy": correct / max(1, counted),
+        "measure": scorer.measure,
         "dataset": f"{path} ({len(train)} train / {len(test)} test)",
-        "left_out": {"unlabelled": sum(1 for s in read_input(path) if s.label is None), "too_long": len(labelled) - len(pool)},
+        "left_out": {"unusable": len(everything) - len(usable), "too_long": len(usable) - len(pool)},
         "model": recipe.task.model,
         "defense": recipe.defense,
         "steps": steps,
@@ -162,11 +194,29 @@ def sentence_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
     }
 
 
+@UTILITY.register(
+    "sequence-classification",
+    description=f"fine-tune the recipe's classifier on the labelled sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}) "
+                f"under the defense; accuracy on up to {TEXT_TEST} held-out sentences of the same file",
+)
+def sentence_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
+    return _fine_tune(recipe, seed, _SCORERS["sequence-classification"])
+
+
+@UTILITY.register(
+    "masked-lm",
+    description=f"fine-tune the recipe's masked LM on the sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}, "
+                f"fresh masks each step) under the defense; masked-token accuracy on up to {TEXT_TEST} held-out sentences",
+)
+def masked_token_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
+    return _fine_tune(recipe, seed, _SCORERS["masked-lm"])
+
+
 def utility_available(recipe: Recipe) -> bool:
-    """Whether an audit of this recipe can measure utility (a text classifier needs utility.data)."""
+    """Whether an audit of this recipe can measure utility (a text model needs utility.data)."""
     if recipe.task.name not in UTILITY:
         return False
-    return recipe.task.name != "sequence-classification" or text_utility_data(recipe) is not None
+    return recipe.task.name not in _SCORERS or text_utility_data(recipe) is not None
 
 
 def measure_utility(recipe: Recipe, *, seed: int) -> dict[str, Any]:
