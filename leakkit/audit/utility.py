@@ -7,6 +7,7 @@ update an attacker sees, so leakage and utility are measured for the same settin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -108,6 +109,7 @@ class _Scorer:
     batch: Callable[[Any, list[Any], int], Any]
     score: Callable[[Any, Any], tuple[int, int]]
     measure: str
+    description: str
 
 
 def _classified(task: Any, b: Any) -> tuple[int, int]:
@@ -129,12 +131,20 @@ def _make(task: Any, samples: list[Any], step: int) -> Any:
 
 
 _SCORERS = {
-    "sequence-classification": _Scorer(lambda s: s.label is not None, _make, _classified, "held-out accuracy"),
-    "masked-lm": _Scorer(lambda s: True, _make, _unmasked, "held-out masked-token accuracy (top 1)"),
+    "sequence-classification": _Scorer(
+        lambda s: s.label is not None, _make, _classified, "held-out accuracy",
+        f"fine-tune the recipe's classifier on the labelled sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}) "
+        f"under the defense; accuracy on up to {TEXT_TEST} held-out sentences of the same file",
+    ),
+    "masked-lm": _Scorer(
+        lambda s: True, _make, _unmasked, "held-out masked-token accuracy (top 1)",
+        f"fine-tune the recipe's masked LM on the sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}, "
+        f"fresh masks each step) under the defense; masked-token accuracy on up to {TEXT_TEST} held-out sentences",
+    ),
 }
 
 
-def _fine_tune(recipe: Recipe, seed: int, scorer: _Scorer) -> dict[str, Any]:
+def _fine_tune(recipe: Recipe, seed: int, *, scorer: _Scorer) -> dict[str, Any]:
     """Fine-tune the recipe's text model as a FedSGD client under its defense; score held-out sentences."""
     from leakkit.errors import InputError
     from leakkit.run.text import build_text, client_update
@@ -194,22 +204,8 @@ def _fine_tune(recipe: Recipe, seed: int, scorer: _Scorer) -> dict[str, Any]:
     }
 
 
-@UTILITY.register(
-    "sequence-classification",
-    description=f"fine-tune the recipe's classifier on the labelled sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}) "
-                f"under the defense; accuracy on up to {TEXT_TEST} held-out sentences of the same file",
-)
-def sentence_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
-    return _fine_tune(recipe, seed, _SCORERS["sequence-classification"])
-
-
-@UTILITY.register(
-    "masked-lm",
-    description=f"fine-tune the recipe's masked LM on the sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}, "
-                f"fresh masks each step) under the defense; masked-token accuracy on up to {TEXT_TEST} held-out sentences",
-)
-def masked_token_utility(recipe: Recipe, seed: int) -> dict[str, Any]:
-    return _fine_tune(recipe, seed, _SCORERS["masked-lm"])
+for _name, _scorer in _SCORERS.items():
+    UTILITY.register(_name, description=_scorer.description)(functools.partial(_fine_tune, scorer=_scorer))
 
 
 def utility_available(recipe: Recipe) -> bool:
