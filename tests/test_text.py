@@ -533,6 +533,35 @@ def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_ev
     assert any("closest distinct hypotheses" in n for n in rec.notes)
 
 
+def test_a_clean_batch_wider_than_the_model_is_named_as_such_not_as_noise() -> None:
+    """Sixteen SST-2 sentences hold more tokens than MiniLM's width of 384: the second layer's
+    gradient is full rank as under noise, but the word-embedding gradient keeps its zero rows."""
+    from leakkit.run.config import load_recipe
+    from leakkit.run.text import build_text, client_update, make_text_batch
+    from leakkit.text.attack import _span_finder
+    from leakkit.text.data import read_input
+
+    sst2 = COLA.with_name("sst2_dev.tsv")
+    if not sst2.is_file():
+        pytest.skip("needs the SST-2 sentences of ../shared/data/text")
+    wide = read_input(str(sst2))[:16]
+
+    def notes_for(samples: list) -> list[str]:
+        recipe = load_recipe("bert-exact", ["task.name=sequence-classification", f"data.batch_size={len(samples)}"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            task = build_text(recipe, seed=0)
+        batch = make_text_batch(task, samples, seed=0)
+        assert (sum(batch.layout.lengths) > 384) == (len(samples) == 16)
+        obs = client_update(task, batch, recipe)
+        notes: list[str] = []
+        ta.update_noise(_span_finder(task, obs, "cpu"), obs, notes)
+        return notes
+
+    assert any("more tokens than the layer's width 384" in n for n in notes_for(wide))
+    assert notes_for(wide[:2]) == []  # within the width: a clean update, nothing to say
+
+
 def test_encoder_batch_searches_the_first_layers_closest_tokens_first() -> None:
     """Shipped sentences 4-7: LayerNorm's curvature lets 145 (token, position) pairs through the
     first layer's span for 42 real ones, and the search over all of them found 3 of the 4 sentences

@@ -109,7 +109,17 @@ def update_noise(task: Any, observation: Observation, notes: list[str]) -> float
     if s[-1] <= s[0] * 1e-5:
         return 0.0
     estimated = estimate_noise_std(M)
-    notes.append(f"the second attention layer's gradient is full rank: noise std estimated from the update as {estimated:.3g}")
+    words = observation.gradients.get(task.word_embedding_name())
+    if words is not None and bool((words == 0).all(dim=1).any()):
+        # noise would fill every row of the word-embedding gradient: rows at exactly 0 mean a clean
+        # update whose batch has outgrown the layer, which no noise model explains
+        used = int((words != 0).any(dim=1).sum())
+        notes.append(f"the second attention layer's gradient is full rank although the word-embedding gradient is clean ({used} distinct "
+                     f"tokens): the batch holds more tokens than the layer's width {M.shape[-1]}, more than the span checks can tell apart; "
+                     f"hypotheses are ranked as under noise (std {estimated:.3g} estimated) and will be approximate. Fewer or shorter "
+                     "sentences per update, or a wider model, keep the batch within the width")
+    else:
+        notes.append(f"the second attention layer's gradient is full rank: noise std estimated from the update as {estimated:.3g}")
     return estimated
 
 
