@@ -102,11 +102,10 @@ def text_utility_data(recipe: Recipe) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class _Scorer:
-    """What a text task's fine-tune needs besides the loop: which sentences it can use, a batch of
-    them for training step `step`, and the held-out score (correct, counted) of a chunk."""
+    """What a text task's fine-tune needs besides the loop: which sentences it can use and the
+    held-out score (correct, counted) of a batch."""
 
     usable: Callable[[Any], bool]
-    batch: Callable[[Any, list[Any], int], Any]
     score: Callable[[Any, Any], tuple[int, int]]
     measure: str
     description: str
@@ -123,21 +122,14 @@ def _unmasked(task: Any, b: Any) -> tuple[int, int]:
     return int((logits.argmax(-1)[masked] == b.labels[masked]).sum()), int(masked.sum())
 
 
-def _make(task: Any, samples: list[Any], step: int) -> Any:
-    from leakkit.run.text import make_text_batch
-
-    # masked LM: fresh masks every step, as a client draws them (classification ignores the seed)
-    return make_text_batch(task, samples, seed=step)
-
-
 _SCORERS = {
     "sequence-classification": _Scorer(
-        lambda s: s.label is not None, _make, _classified, "held-out accuracy",
+        lambda s: s.label is not None, _classified, "held-out accuracy",
         f"fine-tune the recipe's classifier on the labelled sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}) "
         f"under the defense; accuracy on up to {TEXT_TEST} held-out sentences of the same file",
     ),
     "masked-lm": _Scorer(
-        lambda s: True, _make, _unmasked, "held-out masked-token accuracy (top 1)",
+        lambda s: True, _unmasked, "held-out masked-token accuracy (top 1)",
         f"fine-tune the recipe's masked LM on the sentences of utility.data ({TEXT_STEPS} Adam steps, batch {TEXT_BATCH}, "
         f"fresh masks each step) under the defense; masked-token accuracy on up to {TEXT_TEST} held-out sentences",
     ),
@@ -147,7 +139,7 @@ _SCORERS = {
 def _fine_tune(recipe: Recipe, seed: int, *, scorer: _Scorer) -> dict[str, Any]:
     """Fine-tune the recipe's text model as a FedSGD client under its defense; score held-out sentences."""
     from leakkit.errors import InputError
-    from leakkit.run.text import build_text, client_update
+    from leakkit.run.text import build_text, client_update, make_text_batch
     from leakkit.text.data import read_input
 
     path = text_utility_data(recipe)
@@ -173,7 +165,8 @@ def _fine_tune(recipe: Recipe, seed: int, *, scorer: _Scorer) -> dict[str, Any]:
     started = time.perf_counter()
 
     def batch(step: int) -> Any:
-        return scorer.batch(task, [train[i] for i in rng.choice(len(train), size, replace=False)], step)
+        # masked LM: fresh masks every step, as a client draws them (classification ignores the seed)
+        return make_text_batch(task, [train[i] for i in rng.choice(len(train), size, replace=False)], seed=step)
 
     for step in range(steps):
         update = client_update(task, batch(step), client_recipe, seed=seed, batch_index=step,
@@ -187,7 +180,7 @@ def _fine_tune(recipe: Recipe, seed: int, *, scorer: _Scorer) -> dict[str, Any]:
     task.model.eval()
     with torch.no_grad():
         for k in range(0, len(test), 64):
-            c, n = scorer.score(task, scorer.batch(task, test[k : k + 64], 0))  # fixed test masks
+            c, n = scorer.score(task, make_text_batch(task, test[k : k + 64], seed=0))  # fixed test masks
             correct, counted = correct + c, counted + n
     return {
         "accuracy": correct / max(1, counted),
