@@ -28,7 +28,7 @@ Rows (name: recipe and overrides):
   cls-cola-b16 / mlm-cola-b16 / cls-sst2-b16   encoder batches of 16 (MiniLM's width 384 bounds the
                               batch's tokens the first layer can tell apart: CoLA's short sentences fit)
   cls-noise-1e-4 / -1e-3      classification, batch 1, Gaussian noise on the update
-  cls-noise-{1e-5,1e-4}-b4    classification, batch 4, noise (candidates and sentences ranked at the noise)
+  cls-noise-{1e-5,1e-4}-b4    classification, batch 4, noise (sentences matched to the embedding gradients)
   cls-frozen-sst2 / -b4       classification with word and position embedding gradients withheld
   dec-frozen-sst2-b4          decoder-exact with the word-embedding gradient withheld (vocabulary scan)
   dec-sst2-b4 / dec-sst2-b16 / dec-rt-b16   decoder-exact (random GPT-2-shaped causal LM), batches of 4 and 16

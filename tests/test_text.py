@@ -14,6 +14,7 @@ from conftest import assert_one_line_error, run_cli
 
 from leakkit import metrics
 from leakkit.text import analytic as ta
+from leakkit.text import matching
 from leakkit.text.decoders import TOKEN_DECODERS
 from leakkit.engine.matching import AttackConfig
 from leakkit.tasks.text import MaskedLanguageModeling, SequenceClassification, build_text_task
@@ -522,15 +523,28 @@ def test_encoder_batch_of_four_is_split_where_the_first_layer_lets_many_tokens_t
     assert rec.status == "exact" and not any("closest" in n for n in rec.notes)
 
 
-def test_noisy_encoder_batch_ranks_candidates_at_the_noise_instead_of_passing_every_token() -> None:
-    """MiniLM, classification, batch 2, noise std 1e-5: the spans used to be fitted without the noise,
-    so they filled the width, every hypothesis fitted and the first two fragments were returned."""
-    task, batch, obs = _minilm_update(["data.batch_size=2", "defense=noise:std=1e-5"], 2, seed=3)
+def test_noisy_encoder_batch_is_matched_to_the_embedding_gradients() -> None:
+    """MiniLM, classification, batch 4, noise std 1e-5: the span tests rank every token at the noise
+    (the sentence search returned its closest fragments, none of them whole); the sentences whose
+    word- and position-embedding gradients add up to the update's come back, labels included."""
+    task, batch, obs = _minilm_update(["data.batch_size=4", "defense=noise:std=1e-5"], 12, seed=3)
     rec = exact(task, obs, text=TextAttackSettings(search_budget=20_000))
-    want = sorted(batch.input_ids[i, :L].tolist() for i, L in enumerate(batch.layout.lengths))
-    assert sorted(rec.token_ids) == want
+    got = sorted(zip(rec.token_ids, rec.labels.tolist()))
+    want = sorted((batch.input_ids[i, :L].tolist(), int(batch.labels[i])) for i, L in enumerate(batch.layout.lengths))
+    assert got == want
     assert any("noise std 1e-05 from the update's metadata" in n for n in rec.notes)
-    assert any("closest distinct hypotheses" in n for n in rec.notes)
+    assert any("matched to the embedding gradients" in n for n in rec.notes)
+
+
+def test_token_positions_place_each_token_that_occurs_once() -> None:
+    """Position rows are sums of token rows: least squares puts a weight of 1 where a token sits."""
+    g = torch.randn(5, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # per-occurrence gradients
+    words = torch.stack([g[0], g[1], g[2] + g[4], g[3]])  # token 2 occurs twice
+    positions = torch.stack([g[0] + g[3], g[1] + g[4], g[2]])  # two sentences: tokens 0 1 2 and 3 2
+    A = matching.token_positions(words, positions)
+    assert torch.allclose(A[0], torch.tensor([1.0, 0, 0, 1], dtype=torch.float64), atol=1e-9)
+    assert abs(float(A[1, 1]) - 1) < 0.2  # token 1 at position 1
+    assert abs(float(A[1, 2] + A[2, 2]) - 1) < 0.2  # the repeated token's weight is shared by its two positions
 
 
 def test_a_clean_batch_wider_than_the_model_is_named_as_such_not_as_noise() -> None:

@@ -30,6 +30,7 @@ from leakkit.tasks.text import CausalLanguageModeling, MaskedLanguageModeling, T
 from leakkit.text import analytic as ta
 from leakkit.text import decoder as dec
 from leakkit.text import deflation
+from leakkit.text import matching
 from leakkit.text.decoders import TOKEN_DECODERS
 
 EXACT_DISTANCE = 1e-5  # relative gradient distance below which a recovered batch reproduces the update
@@ -239,6 +240,16 @@ def exact(
         if off >= 0.05:
             notes.append(f"order read from a noisy position gradient (largest deviation from 0/1: {off:.2f})")
     read: dict[tuple[int, ...], tuple[Any, bool]] = {}  # labels the sentence search read off, and whether the rank drop proved them
+    matched: torch.Tensor | None = None  # labels `matching.match_batch` chose with the sentences
+    budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
+    if rows is None and B > 1 and noise > 0 and matching.usable(work, observation):
+        # declared noise: the span tests lose their edge, the embedding gradients keep it
+        finder = _span_finder(task, observation, device)
+        ta.update_noise(finder, observation, notes)
+        limit = dec.position_limit(observation, finder) or finder.max_length
+        found = matching.match_batch(finder, observation, n_max=limit, noise_std=noise, notes=notes, budget=min(budget, matching.MATCH_BUDGET))
+        rows, matched = found.rows, torch.tensor(found.labels)
+        del finder
     if rows is None:
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
@@ -255,14 +266,13 @@ def exact(
         if not scored:
             raise InputError("no token fits the first layer's input span: is this gradient from this model?")
         candidates = ta.token_lists(scored)
-        budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
         # a clean update: the batch's own pairs first (under noise every residual sits above float32's floor)
         first = ta.tight_candidates(scored) if noise == 0 else None
         rows = assemble(finder, observation, candidates, B, seed=seed, notes=notes, budget=budget, noise_std=noise, first=first, labels=read)  # type: ignore[arg-type]
         del finder
     input_ids, lengths = work.pad(rows)
     input_ids = input_ids.to(device)
-    labels = _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
+    labels = matched.to(device) if matched is not None else _infer_labels(work, observation, input_ids, lengths, masked_lm=masked_lm, notes=notes)
     if masked_lm:
         # masked labels the rank drop proved are kept whatever the rest of the batch (a missing
         # sentence's stand-in would pull a re-inference off them)
