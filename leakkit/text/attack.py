@@ -245,7 +245,7 @@ def exact(
     if rows is None and B > 1 and noise > 0 and matching.usable(work, observation):
         # declared noise: the span tests lose their edge, the embedding gradients keep it
         finder = _span_finder(task, observation, device)
-        ta.update_noise(finder, observation, notes)
+        notes.append(f"noise std {noise:.3g} from the update's metadata: the batch is matched to the word and position embedding gradients")
         limit = dec.position_limit(observation, finder) or finder.max_length
         found = matching.match_batch(finder, observation, n_max=limit, noise_std=noise, notes=notes, budget=min(budget, matching.MATCH_BUDGET))
         rows, matched = found.rows, torch.tensor(found.labels)
