@@ -2,8 +2,8 @@
 
 Under noise the span tests that split a clean batch into sentences (`leakkit.text.attack.assemble`)
 lose their edge: the first layer's span, cut at the noise, ranks a position's true tokens among
-dozens of others, and the second layer's residual barely moves when one token of a long sentence
-changes. The embedding gradients keep it. With g[b, j] the loss's gradient at the embedding sum of
+dozens of others, and one-token changes of a long sentence fit the second layer as well as the
+sentence (SST-2, batch 4, std 1e-5: 279 of 3,002 changes of a 40-token sentence). The embedding gradients keep it. With g[b, j] the loss's gradient at the embedding sum of
 sentence b's position j, the word table's row t is the sum of g over t's occurrences and the
 position table's row j the sum over sentences, each plus the noise. So
 
