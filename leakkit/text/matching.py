@@ -3,8 +3,8 @@
 Under noise the span tests that split a clean batch into sentences (`leakkit.text.attack.assemble`)
 lose their edge: the first layer's span, cut at the noise, ranks a position's true tokens among
 dozens of others, and one-token changes of a long sentence fit the second layer as well as the
-sentence (SST-2, batch 4, std 1e-5: 279 of 3,002 changes of a 40-token sentence). The embedding gradients keep it. With g[b, j] the loss's gradient at the embedding sum of
-sentence b's position j, the word table's row t is the sum of g over t's occurrences and the
+sentence (SST-2, batch 4, std 1e-5: 279 of 3,002 changes of a 40-token sentence). The embedding
+gradients keep it. With g[b, j] the loss's gradient at the embedding sum of sentence b's position j, the word table's row t is the sum of g over t's occurrences and the
 position table's row j the sum over sentences, each plus the noise. So
 
 - a token that occurs once is seen alone in its row, and the position rows are sums of token
@@ -17,10 +17,11 @@ position table's row j the sum over sentences, each plus the noise. So
   80 one-token changes of a sentence none came closer with the other sentences known.
 
 `match_batch` starts from the least-squares placement (each position's best tokens, given to
-the sentences still open there) and then improves the whole batch by local moves scored by that distance: exchanges of a token or
-a tail between two sentences, then substitutions, moves within a sentence, a token more or
-less at a sentence's end, and insertions of the tokens the rows still miss. Labels are part of the state. It needs the word and position
-embedding gradients and a classification loss (a masked LM's share needs its masked labels).
+the sentences still open there) and then improves the whole batch by local moves scored by that
+distance: exchanges of a token or a tail between two sentences, then substitutions, moves within
+a sentence, a token more or less at a sentence's end, and insertions of the tokens the rows still
+miss. Labels are part of the state. It needs the word and position embedding gradients and a
+classification loss (a masked LM's share needs its masked labels).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class _Search:
         return self.scale * torch.autograd.grad(loss, x)[0].detach()
 
     def relative(self) -> float:
-        return float((self.left.double() ** 2).sum()) / max(self.energy, 1e-300)
+        return self.distance() / max(self.energy, 1e-300)
 
     # --- start -----------------------------------------------------------------------------
     def start(self, notes: list[str]) -> None:
