@@ -29,6 +29,7 @@ Rows (name: recipe and overrides):
                               batch's tokens the first layer can tell apart: CoLA's short sentences fit)
   cls-noise-1e-4 / -1e-3      classification, batch 1, Gaussian noise on the update
   cls-noise-{1e-5,1e-4}-b4    classification, batch 4, noise (sentences matched to the embedding gradients)
+  mlm-noise-{1e-5,1e-4}-b4    masked LM, batch 4, noise
   cls-frozen-sst2 / -b4       classification with word and position embedding gradients withheld
   dec-frozen-sst2-b4          decoder-exact with the word-embedding gradient withheld (vocabulary scan)
   dec-sst2-b4 / dec-sst2-b16 / dec-rt-b16   decoder-exact (random GPT-2-shaped causal LM), batches of 4 and 16
@@ -83,6 +84,8 @@ ROWS: dict[str, tuple[str, str, list[str], int]] = {
     "cls-noise-1e-3": ("bert-exact", "sst2", ["task.name=sequence-classification", "defense=noise:std=1e-3"], 30),
     "cls-noise-1e-5-b4": ("bert-exact", "sst2", ["task.name=sequence-classification", "defense=noise:std=1e-5", "data.batch_size=4"], 16),
     "cls-noise-1e-4-b4": ("bert-exact", "sst2", ["task.name=sequence-classification", "defense=noise:std=1e-4", "data.batch_size=4"], 16),
+    "mlm-noise-1e-5-b4": ("bert-exact", "sst2", ["defense=noise:std=1e-5", "data.batch_size=4"], 16),
+    "mlm-noise-1e-4-b4": ("bert-exact", "sst2", ["defense=noise:std=1e-4", "data.batch_size=4"], 16),
     "cls-frozen-sst2": ("bert-exact", "sst2", ["task.name=sequence-classification", "task.frozen=word_embeddings,position_embeddings"], 20),
     "cls-frozen-sst2-b4": ("bert-exact", "sst2", ["task.name=sequence-classification", "task.frozen=word_embeddings,position_embeddings", "data.batch_size=4"], 8),
     "dec-frozen-sst2-b4": ("decoder-exact", "sst2", ["task.frozen=wte", "data.batch_size=4"], 16),

@@ -536,6 +536,55 @@ def test_noisy_encoder_batch_is_matched_to_the_embedding_gradients() -> None:
     assert any("matched to the embedding gradients" in n for n in rec.notes)
 
 
+def test_masked_lm_labels_and_their_count_are_read_off_the_decoder_bias() -> None:
+    """Bias row v is (sum_i p_iv - count_v) / M: the labels go below 0 by count / M, and M is the
+    smallest count that makes every label's depth whole."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(7, 500, generator=gen, dtype=torch.float64), -1) * 1e-2  # 7 labelled positions
+    targets = [3, 3, 40, 41, 42, 43, 44]
+    onehot = torch.zeros(7, 500, dtype=torch.float64)
+    onehot[range(7), targets] = 1
+    mean = (probs - onehot).sum(0) / 7 + 1e-6 * torch.randn(500, generator=gen, dtype=torch.float64)
+    assert matching.label_multiset(mean, reduction="mean") == ({3: 2, 40: 1, 41: 1, 42: 1, 43: 1, 44: 1}, 7)
+    assert matching.label_multiset(mean * 7, reduction="sum") == ({3: 2, 40: 1, 41: 1, 42: 1, 43: 1, 44: 1}, 7)
+
+
+def test_masked_lm_hypothesis_shares_add_up_to_the_observed_embedding_rows() -> None:
+    """The true masked-LM batch, written as codes (token + V * (label + 1)), reproduces the word and
+    position rows of a clean update: the input side and the tied decoder's part both."""
+    from leakkit.text import decoder as dec
+    from leakkit.text.attack import _span_finder
+
+    task, batch, obs = _minilm_update(["data.batch_size=2"], 0, seed=3, head="masked-lm")
+    finder = _span_finder(task, obs, "cpu")
+    search = matching._MaskedSearch(finder, obs, dec.position_limit(obs, finder))
+    V = search.V
+    codes = [
+        [t + V * (int(y) + 1) if y >= 0 else t for t, y in zip(batch.input_ids[b, :L].tolist(), batch.labels[b, :L].tolist())]
+        for b, L in enumerate(batch.layout.lengths)
+    ]
+    assert search.M == int((batch.labels >= 0).sum())
+    shares = search._shares(codes, [0] * len(codes))
+    left = search.observed - sum(s for s, _ in shares)
+    assert float((left.double() ** 2).sum()) < 1e-8 * search.energy
+    # without the tied decoder's part the label rows stay unexplained
+    search.tied = False
+    left = search.observed - sum(s for s, _ in search._shares(codes, [0] * len(codes)))
+    assert float((left.double() ** 2).sum()) > 1e-2 * search.energy
+
+
+def test_noisy_masked_lm_batch_is_matched_to_the_embedding_gradients() -> None:
+    """MiniLM, masked LM, batch 4, noise std 1e-5 (shipped sentences 9-12): matched to the embedding
+    rows, with the masked labels read off the decoder bias and placed by the moves, all four come
+    back with their labels (the span search brought back two inputs, neither with its labels)."""
+    task, batch, obs = _minilm_update(["data.batch_size=4", "defense=noise:std=1e-5"], 8, seed=3, head="masked-lm")
+    rec = exact(task, obs, text=TextAttackSettings(search_budget=12_000))
+    want = [(batch.input_ids[i, :L].tolist(), batch.labels[i, :L].tolist()) for i, L in enumerate(batch.layout.lengths)]
+    got = [(rec.input_ids[i, :L].tolist(), rec.labels[i, :L].tolist()) for i, L in enumerate(rec.lengths)]
+    assert sorted(got) == sorted(want)
+    assert any("matched to the embedding gradients" in n for n in rec.notes)
+
+
 def test_token_positions_place_each_token_that_occurs_once() -> None:
     """Position rows are sums of token rows: least squares puts a weight of 1 where a token sits."""
     g = torch.randn(5, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))  # per-occurrence gradients

@@ -248,7 +248,7 @@ def exact(
         notes.append(f"noise std {noise:.3g} from the update's metadata: the batch is matched to the word and position embedding gradients")
         limit = dec.position_limit(observation, finder) or finder.max_length
         found = matching.match_batch(finder, observation, n_max=limit, noise_std=noise, notes=notes, budget=min(budget, matching.MATCH_BUDGET))
-        rows, matched = found.rows, torch.tensor(found.labels)
+        rows, matched = found.rows, found.labels
         del finder
     if rows is None:
         groups = ta.attention_groups(work)
@@ -279,12 +279,12 @@ def exact(
         labels = _with_read(labels, rows, {r: v for r, (v, proven) in read.items() if proven})
     distance = gradient_distance(work, observation, input_ids, lengths, labels)
     guessed = {r: v for r, (v, proven) in read.items() if not proven}
-    if masked_lm and distance > EXACT_DISTANCE and any(tuple(r) in guessed for r in rows):
+    if masked_lm and matched is None and distance > EXACT_DISTANCE and any(tuple(r) in guessed for r in rows):
         alt = _with_read(labels, rows, guessed)
         d = gradient_distance(work, observation, input_ids, lengths, alt)
         if d < distance:
             labels, distance = alt, d
-    if masked_lm and distance > EXACT_DISTANCE:
+    if masked_lm and matched is None and distance > EXACT_DISTANCE:
         labels, distance = _swap_labels(work, observation, input_ids, lengths, labels, distance)
     status = "exact" if distance < EXACT_DISTANCE else "approximate"
     if status == "exact":
