@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from leakkit.client.observation import Observation
+from leakkit.tasks.layers import input_of
 from leakkit.tasks.text import MaskedLanguageModeling, SequenceClassification, TextLayout, TextTask
 from leakkit.text import analytic as ta
 
@@ -150,11 +151,11 @@ class _Search:
         self.index = {t: i for i, t in enumerate(self.pool)}
         self.placed = token_positions(seen_words[self.pool], seen_places[:n_max])  # [n, T]
         # observed rows: pool tokens, positions, and a last row for tokens off the pool (observed as 0)
-        self.observed = torch.cat([words[self.pool], places[:n_max], torch.zeros(1, width, dtype=words.dtype)]).float()
+        self.table = task.embedding_matrix().detach()
+        self.observed = torch.cat([words[self.pool], places[:n_max], torch.zeros(1, width, dtype=words.dtype)]).to(self.table.dtype)
         self.energy = float((self.observed.double() ** 2).sum())
         self.weights = self._weights()
         self.dev = next(task.model.parameters()).device
-        self.table = task.embedding_matrix().detach()
         self.evaluated = 0
         self.bias = grads.get(task.classifier_parameter_names()[1] or "")  # type: ignore[attr-defined]
 
@@ -230,7 +231,7 @@ class _Search:
                 g, dense = self._embedding_grads([rows[i] for i in part], [labels[i] for i in part])
                 g = g.cpu()
                 slots = torch.tensor([[self.index.get(t, len(self.pool) + self.n) for t in self._inputs(rows[i])] for i in part])
-                share = torch.zeros(len(part), self.observed.shape[0], g.shape[-1])
+                share = torch.zeros(len(part), self.observed.shape[0], g.shape[-1], dtype=g.dtype)
                 share.scatter_add_(1, slots[..., None].expand_as(g), g)
                 share[:, len(self.pool) : len(self.pool) + m] += g
                 if dense is not None:
@@ -264,7 +265,7 @@ class _Search:
         special = {self.start_id, self.end_id}
         clear = [j for j in range(self.n) if j not in blurred]
         # tokens no clear position holds: the blurred positions' (or repeated ones)
-        strays = [self.pool[i] for i in self.placed[clear].max(0).values.argsort().tolist() if float(self.placed[clear, i].max()) < 0.5]
+        strays = [self.pool[i] for i in self.placed[clear].max(0).values.argsort().tolist() if float(self.placed[clear, i].max()) < 0.5] if blurred else []
         for j in range(1, self.n):
             # each position's best placed tokens, longest sentence first: which sentence a token
             # belongs to is left to the exchanges (dealing them out by how alike their rows are
@@ -273,7 +274,7 @@ class _Search:
             if j in blurred:
                 ranked = iter([self._mask_token()] + [strays.pop(0) for _ in open_[1:] if strays])
             else:
-                ranked = (self.pool[i] for i in self.placed[j].argsort(descending=True).tolist())
+                ranked = self._ranked(j)
             for b, t in zip(open_, (t for t in ranked if t not in special)):
                 hyp[b][j] = t
         self.hyp = self._start_labels(hyp)
@@ -291,9 +292,12 @@ class _Search:
                     return
                 phase += 1
 
+    def _ranked(self, j: int) -> Iterator[int]:
+        """Position j's placed tokens, best first, other than the boundaries."""
+        return (t for t in (self.pool[i] for i in self.placed[j].argsort(descending=True).tolist()) if t not in (self.start_id, self.end_id))
+
     def _best(self, j: int) -> int:
-        """Position j's best placed token other than the boundaries."""
-        return next(t for t in (self.pool[i] for i in self.placed[j].argsort(descending=True).tolist()) if t not in (self.start_id, self.end_id))
+        return next(self._ranked(j))
 
     def distance(self) -> float:
         return float((self.left.double() ** 2).sum())
@@ -434,6 +438,7 @@ class _MaskedSearch(_Search):
         # the label rows' directions (the decoder's inputs at the masked positions)
         self.basis = torch.linalg.svd(words[labels].T, full_matrices=False)[0] if (self.tied and labels) else None
         self.decoder = task.model.get_output_embeddings()
+        self.decoder_name = next(name for name, m in task.model.named_modules() if m is self.decoder)
         super().__init__(task, observation, n_max)
         self.pool_index = torch.tensor(self.pool)
 
@@ -511,15 +516,11 @@ class _MaskedSearch(_Search):
 
     def _states(self, row: Sequence[int], at: list[int]) -> torch.Tensor:
         """The decoder's inputs at positions `at` of one sentence [len(at), d]."""
-        box: dict[str, torch.Tensor] = {}
-        hook = self.decoder.register_forward_pre_hook(lambda _m, a: box.__setitem__("t", a[0].detach()))
-        try:
-            with torch.no_grad():
-                ids = torch.tensor([self._inputs(row)], device=self.dev)
-                self.task.with_layout(TextLayout(lengths=[len(row)])).encoder_outputs(self.table[ids])
-        finally:
-            hook.remove()
-        return box["t"][0, at].cpu()
+        ids = torch.tensor([self._inputs(row)], device=self.dev)
+        one = self.task.with_layout(TextLayout(lengths=[len(row)]))
+        with torch.no_grad():
+            t = input_of(self.task.model, self.decoder_name, lambda: one.encoder_outputs(self.table[ids]))
+        return t[0, at].cpu()
 
     def _label_moves(self) -> list[list[tuple[tuple[int, list[int], int], ...]]]:
         """Labels traded between two labelled positions; and, while the batch holds fewer of a label
@@ -556,7 +557,7 @@ class _MaskedSearch(_Search):
         one = self.task.with_layout(TextLayout(lengths=[ids.shape[1]] * ids.shape[0]))
         chosen = target >= 0
         if not bool(chosen.any()):
-            return torch.zeros(*ids.shape, self.table.shape[1], device=self.dev), None
+            return torch.zeros(*ids.shape, self.table.shape[1], device=self.dev, dtype=self.table.dtype), None
         box: dict[str, torch.Tensor] = {}
 
         def labelled_only(_m: torch.nn.Module, a: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
