@@ -536,6 +536,22 @@ def test_noisy_encoder_batch_is_matched_to_the_embedding_gradients() -> None:
     assert any("matched to the embedding gradients" in n for n in rec.notes)
 
 
+def test_undeclared_noise_is_estimated_and_the_batch_matched_to_the_embedding_gradients() -> None:
+    """An update whose metadata does not say it is noisy (a client that adds noise without recording
+    it): the second attention layer's full rank gives the noise away, and its estimate sends the
+    batch to the embedding-gradient match (the span search ran there before, at a threshold of 0)."""
+    import re
+
+    task, batch, obs = _minilm_update(["data.batch_size=4", "defense=noise:std=1e-5"], 12, seed=3)
+    obs.extra.pop("defenses")
+    rec = exact(task, obs, text=TextAttackSettings(search_budget=300))
+    said = next(n for n in rec.notes if "no noise declared" in n)
+    estimated = float(re.search(r"estimated as ([0-9.e+-]+)", said).group(1))  # type: ignore[union-attr]
+    assert 0.5e-5 < estimated < 2e-5
+    assert any("estimated: the batch is matched to the word and position embedding gradients" in n for n in rec.notes)
+    assert rec.input_ids.shape[0] == 4
+
+
 def test_masked_lm_labels_and_their_count_are_read_off_the_decoder_bias() -> None:
     """Bias row v is (sum_i p_iv - count_v) / M: the labels go below 0 by count / M, and M is the
     smallest count that makes every label's depth whole."""

@@ -242,19 +242,23 @@ def exact(
     read: dict[tuple[int, ...], tuple[Any, bool]] = {}  # labels the sentence search read off, and whether the rank drop proved them
     matched: torch.Tensor | None = None  # labels `matching.match_batch` chose with the sentences
     budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
-    if rows is None and B > 1 and noise > 0 and matching.usable(work, observation):
-        # declared noise: the span tests lose their edge, the embedding gradients keep it
+    finder: TextTask | None = None
+    if rows is None and B > 1 and matching.usable(work, observation):
+        # a noisy update: the span tests lose their edge, the embedding gradients keep it
         finder = _span_finder(task, observation, device)
-        notes.append(f"noise std {noise:.3g} from the update's metadata: the batch is matched to the word and position embedding gradients")
-        limit = dec.position_limit(observation, finder) or finder.max_length
-        found = matching.match_batch(finder, observation, n_max=limit, noise_std=noise, notes=notes, budget=min(budget, matching.MATCH_BUDGET))
-        rows, matched = found.rows, found.labels
-        del finder
+        source = "from the update's metadata" if noise > 0 else "estimated"
+        if noise == 0:
+            noise = _undeclared_noise(finder, observation, notes)
+        if noise > 0:
+            notes.append(f"noise std {noise:.3g} {source}: the batch is matched to the word and position embedding gradients")
+            limit = dec.position_limit(observation, finder) or finder.max_length
+            found = matching.match_batch(finder, observation, n_max=limit, noise_std=noise, notes=notes, budget=min(budget, matching.MATCH_BUDGET))
+            rows, matched, finder = found.rows, found.labels, None
     if rows is None:
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
-        finder = _span_finder(task, observation, device)
+        finder = finder or _span_finder(task, observation, device)
         noise = ta.update_noise(finder, observation, notes)
         if noise > 0:
             # every token's residual rises with the noise: rank them at each position of the batch's length
@@ -307,6 +311,19 @@ def _span_finder(task: TextTask, observation: Observation, device: str) -> TextT
     """The attacker's float32 copy for span checks: members of a span sit near 1e-6, non-members near 1,
     so float32 tells them apart at half float64's memory and time."""
     return task.sharing(observation).copy_to(dtype=torch.float32, device=device)  # type: ignore[return-value]
+
+
+def _undeclared_noise(finder: TextTask, observation: Observation, notes: list[str]) -> float:
+    """The noise std of an update whose metadata declares none, estimated from the update itself
+    (`analytic.update_noise`); 0 for a clean one. Word-embedding rows at exactly 0 mean a clean
+    update whose batch outgrew the second attention layer (noise would fill every row): 0 there."""
+    probe: list[str] = []
+    estimated = ta.update_noise(finder, observation, probe)
+    words = observation.gradients[finder.word_embedding_name()]
+    if estimated == 0 or bool((words == 0).all(dim=1).any()):
+        return 0.0
+    notes.append(f"no noise declared in the update's metadata, but the second attention layer's gradient is full rank: noise std estimated as {estimated:.3g}")
+    return estimated
 
 
 NOISY_BEAM = 64  # prefixes kept per position and sentence of the batch when the update is noisy
