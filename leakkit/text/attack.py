@@ -258,7 +258,7 @@ def exact(
         groups = ta.attention_groups(work)
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
-        finder = finder or _span_finder(task, observation, device)
+        finder = finder if finder is not None else _span_finder(task, observation, device)
         noise = ta.update_noise(finder, observation, notes)
         if noise > 0:
             # every token's residual rises with the noise: rank them at each position of the batch's length
