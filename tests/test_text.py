@@ -539,7 +539,7 @@ def test_noisy_encoder_batch_is_matched_to_the_embedding_gradients() -> None:
 def test_undeclared_noise_is_estimated_and_the_batch_matched_to_the_embedding_gradients() -> None:
     """An update whose metadata does not say it is noisy (a client that adds noise without recording
     it): the second attention layer's full rank gives the noise away, and its estimate sends the
-    batch to the embedding-gradient match (the span search ran there before, at a threshold of 0)."""
+    batch to the embedding-gradient match (the span search ran there before, at that estimate)."""
     import re
 
     task, batch, obs = _minilm_update(["data.batch_size=4", "defense=noise:std=1e-5"], 12, seed=3)

@@ -243,12 +243,14 @@ def exact(
     matched: torch.Tensor | None = None  # labels `matching.match_batch` chose with the sentences
     budget = text.search_budget if text is not None else ASSEMBLE_BUDGET
     finder: TextTask | None = None
+    probe: tuple[float, list[str]] | None = None  # `analytic.update_noise` and its notes, taken once
     if rows is None and B > 1 and matching.usable(work, observation):
         # a noisy update: the span tests lose their edge, the embedding gradients keep it
         finder = _span_finder(task, observation, device)
         source = "from the update's metadata" if noise > 0 else "estimated"
         if noise == 0:
-            noise = _undeclared_noise(finder, observation, notes)
+            probe = _update_noise(finder, observation)
+            noise = _undeclared_noise(finder, observation, probe[0], notes)
         if noise > 0:
             notes.append(f"noise std {noise:.3g} {source}: the batch is matched to the word and position embedding gradients")
             limit = dec.position_limit(observation, finder) or finder.max_length
@@ -259,7 +261,8 @@ def exact(
         if not ta.group_available(observation, groups[0]):
             raise ConfigError("the exact attack needs the first attention layer's gradient (or word and position embedding gradients)")
         finder = finder if finder is not None else _span_finder(task, observation, device)
-        noise = ta.update_noise(finder, observation, notes)
+        noise, said = probe if probe is not None else _update_noise(finder, observation)
+        notes.extend(said)
         if noise > 0:
             # every token's residual rises with the noise: rank them at each position of the batch's length
             limit = dec.position_limit(observation, finder) or finder.max_length
@@ -313,12 +316,16 @@ def _span_finder(task: TextTask, observation: Observation, device: str) -> TextT
     return task.sharing(observation).copy_to(dtype=torch.float32, device=device)  # type: ignore[return-value]
 
 
-def _undeclared_noise(finder: TextTask, observation: Observation, notes: list[str]) -> float:
-    """The noise std of an update whose metadata declares none, estimated from the update itself
-    (`analytic.update_noise`); 0 for a clean one. Word-embedding rows at exactly 0 mean a clean
-    update whose batch outgrew the second attention layer (noise would fill every row): 0 there."""
-    probe: list[str] = []
-    estimated = ta.update_noise(finder, observation, probe)
+def _update_noise(finder: TextTask, observation: Observation) -> tuple[float, list[str]]:
+    """`analytic.update_noise` (declared, else estimated from the update) and the notes it wrote."""
+    said: list[str] = []
+    return ta.update_noise(finder, observation, said), said
+
+
+def _undeclared_noise(finder: TextTask, observation: Observation, estimated: float, notes: list[str]) -> float:
+    """The noise std of an update whose metadata declares none: `estimated` from the update itself,
+    or 0 for a clean one. Word-embedding rows at exactly 0 mean a clean update whose batch outgrew
+    the second attention layer (noise would fill every row): 0 there."""
     words = observation.gradients[finder.word_embedding_name()]
     if estimated == 0 or bool((words == 0).all(dim=1).any()):
         return 0.0
