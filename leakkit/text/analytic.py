@@ -93,6 +93,12 @@ def input_span(
     return row_span(stacked_rows(observation, weight_names, model=model), rel_tol=rel_tol, noise_std=noise_std)
 
 
+def has_clean_rows(gradient: torch.Tensor) -> bool:
+    """Whether a word-embedding gradient [V, d] has rows at exactly 0: noise would fill every row,
+    so the update is clean."""
+    return bool((gradient == 0).all(dim=1).any())
+
+
 def update_noise(task: Any, observation: Observation, notes: list[str]) -> float:
     """Per-entry noise std of the update: from its metadata (the recorded defenses), else estimated
     from the second attention layer's gradient when that is full rank (a clean one has low rank)."""
@@ -110,9 +116,8 @@ def update_noise(task: Any, observation: Observation, notes: list[str]) -> float
         return 0.0
     estimated = estimate_noise_std(M)
     words = observation.gradients.get(task.word_embedding_name())
-    if words is not None and bool((words == 0).all(dim=1).any()):
-        # noise would fill every row of the word-embedding gradient: rows at exactly 0 mean a clean
-        # update whose batch has outgrown the layer, which no noise model explains
+    if words is not None and has_clean_rows(words):
+        # a clean update whose batch has outgrown the layer, which no noise model explains
         used = int((words != 0).any(dim=1).sum())
         notes.append(f"the second attention layer's gradient is full rank although the word-embedding gradient is clean ({used} distinct "
                      f"tokens): the batch holds more tokens than the layer's width {M.shape[-1]}, more than the span checks can tell apart; "

@@ -326,8 +326,7 @@ def _undeclared_noise(finder: TextTask, observation: Observation, estimated: flo
     """The noise std of an update whose metadata declares none: `estimated` from the update itself,
     or 0 for a clean one. Word-embedding rows at exactly 0 mean a clean update whose batch outgrew
     the second attention layer (noise would fill every row): 0 there."""
-    words = observation.gradients[finder.word_embedding_name()]
-    if estimated == 0 or bool((words == 0).all(dim=1).any()):
+    if estimated == 0 or ta.has_clean_rows(observation.gradients[finder.word_embedding_name()]):
         return 0.0
     notes.append(f"no noise declared in the update's metadata, but the second attention layer's gradient is full rank: noise std estimated as {estimated:.3g}")
     return estimated
